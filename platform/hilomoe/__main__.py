@@ -1,0 +1,3 @@
+from hilomoe.cli import main
+
+raise SystemExit(main())

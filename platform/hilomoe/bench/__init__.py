@@ -1,0 +1,1 @@
+"""Benchmarks behind `hilomoe bench ...`: one module per command."""

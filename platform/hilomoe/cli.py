@@ -1,0 +1,268 @@
+"""The `hilomoe` command: parse, validate once, call one function per subcommand.
+
+Every subcommand with `--json` prints exactly one JSON object on stdout; progress and logs go to
+stderr. Bad input ends with one sentence on stderr and exit status 2, never a stack trace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from typing import Any, Callable
+
+from rich.console import Console
+from rich.table import Table
+
+from hilomoe import __version__
+from hilomoe.errors import HilomoeError
+
+out = Console(soft_wrap=True)
+log = Console(stderr=True, soft_wrap=True)
+
+
+def _emit_json(obj: Any) -> None:
+    def clean(v: Any) -> Any:
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+
+    sys.stdout.write(json.dumps(clean(obj)) + "\n")
+    sys.stdout.flush()
+
+
+def _cell(v: Any) -> str:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return str(v)
+    if isinstance(v, int) or v == 0 or abs(v) >= 100:
+        return f"{v:,.0f}"
+    return f"{v:.4f}"
+
+
+def _table(title: str, columns: list[str], rows: list[list[Any]]) -> Table:
+    table = Table(title=title, title_justify="left")
+    for c in columns:
+        table.add_column(c, justify="left" if c in ("variant", "part", "stage") else "right")
+    for r in rows:
+        table.add_row(*[_cell(v) for v in r])
+    return table
+
+
+# ----------------------------------------------------------------------------------------------
+# model summary
+
+
+def cmd_model_summary(args: argparse.Namespace) -> int:
+    import torch
+
+    from hilomoe.config import load_config
+    from hilomoe.data.planted import planted_schema
+    from hilomoe.model import CTRModel, RoutingMode, measured_flops, model_cost
+
+    cfg = load_config(args.config)
+    schema = planted_schema(cfg.data.synth)
+    mode = RoutingMode(args.routing)
+    batch = args.batch or cfg.eval_batch_size
+    cost = model_cost(schema, cfg.model, mode, batch)
+    torch.manual_seed(cfg.seed)
+    model = CTRModel(schema, cfg.model)
+    model.set_routing(mode)
+    cat = torch.stack([torch.randint(0, v, (batch,)) for v in schema.vocab_sizes], dim=1)
+    num = torch.randn(batch, schema.numeric)
+    measured = measured_flops(model, cat, num)
+    result = {
+        **cost.as_dict(),
+        "flops_measured": measured,
+        "variant": cfg.model.moe.variant.value if cfg.model.moe.has_experts else "dense",
+        "routing": mode.value,
+        "batch": batch,
+        "parts": {k: {"params_total": v.params_total, "params_active": int(v.params_active),
+                      "flops": v.flops} for k, v in cost.parts.items()},
+    }
+    if args.json:
+        _emit_json(result)
+        return 0
+    rows = [[k, v.params_total, int(v.params_active), v.flops] for k, v in cost.parts.items()]
+    rows.append(["total", cost.params_total, int(cost.params_active), cost.flops])
+    out.print(_table(f"{args.config}: {result['variant']} model, {mode.value} routing",
+                     ["part", "params", "active params", "FLOPs/sample"], rows))
+    out.print(f"embedding params {cost.params_embedding:,}; FLOPs/sample analytic "
+              f"{cost.flops:,.0f}, measured (FlopCounterMode, batch {batch}) {measured:,.0f}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# train
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from hilomoe.config import load_config
+    from hilomoe.engine.local import train_local
+
+    cfg = load_config(args.config)
+    if not args.local:
+        raise HilomoeError(
+            "distributed training on Ray is not available in this version; "
+            "add --local to train in this process"
+        )
+
+    def on_epoch(r) -> None:
+        v = r.valid
+        mark = "*" if r.improved else " "
+        log.print(f"[{r.stage:>7}] epoch {r.epoch + 1:>3}  loss {r.train['loss']:.4f}  "
+                  f"valid auc {v['auc']:.4f}{mark} logloss {v['logloss']:.4f}  "
+                  f"{r.samples_per_s:,.0f} samples/s", highlight=False)
+
+    result = train_local(cfg, on_epoch=on_epoch)
+    result.pop("engine")
+    if args.json:
+        _emit_json(result)
+        return 0
+    rows = [[name, s["epochs"], s["auc"], s["logloss"]] for name, s in result["stages"].items()]
+    rows.append(["test", "", result["test"]["auc"], result["test"]["logloss"]])
+    rows.append(["bayes (test)", "", result["bayes"]["test"]["auc"],
+                 result["bayes"]["test"]["logloss"]])
+    out.print(_table(f"{args.config}: best validation per stage, then test",
+                     ["stage", "epochs", "auc", "logloss"], rows))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# bench layer
+
+
+def cmd_bench_layer(args: argparse.Namespace) -> int:
+    import torch
+
+    from hilomoe.bench import layer
+
+    devices = ["cpu"]
+    if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()):
+        devices.append("cuda")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise HilomoeError("--device cuda: no CUDA device is available on this machine")
+    rows = []
+    for dev in devices:
+        log.print(f"benchmarking on {dev} ...")
+        rows += layer.run(batch=args.batch, dim=args.dim, experts=args.experts, top_k=args.top_k,
+                          levels=tuple(args.levels), device=dev, repeats=args.repeats)
+    by_device = {dev: [r for r in rows if r.device == dev] for dev in devices}
+    if args.json:
+        res = layer.as_json(rows)
+        res["goals"] = {dev: layer.goals(rs) for dev, rs in by_device.items()}
+        res["threads"] = torch.get_num_threads()
+        _emit_json(res)
+        return 0
+    for dev, rs in by_device.items():
+        table_rows = [[r.variant, r.levels, r.experts, f"{r.d_in}x{r.d_out}", r.ms,
+                       r.flops / 1e9, r.gflops_per_s] for r in rs]
+        out.print(_table(f"forward+backward, batch {args.batch}, d {args.dim}, top-{args.top_k}, "
+                         f"{dev} ({torch.get_num_threads()} threads)",
+                         ["variant", "L", "K", "shape", "ms", "GFLOP", "GFLOP/s"], table_rows))
+        g = layer.goals(rs)
+        out.print(f"HiLoMoE rate at L={g['levels_max']} vs L=1: {g['hilomoe_rate_Lmax_over_L1']:.0%} "
+                  f"(goal >= 85%); vs plain dense: {g['hilomoe_rate_Lmax_over_dense']:.0%} (goal >= 60%); "
+                  f"latency L={g['levels_max']}/L=1: hilomoe {g['hilomoe_ms_Lmax_over_L1']:.2f}x, "
+                  f"sequential {g['sequential_ms_Lmax_over_L1']:.2f}x")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = argparse.ArgumentParser(
+        prog="hilomoe", formatter_class=fmt,
+        description="Train and study HiLoMoE (Hierarchical LoRA MoE) CTR models.",
+        epilog="example:\n  hilomoe model summary studies/train_example.yaml\n"
+               "  hilomoe train studies/train_example.yaml --local",
+    )
+    p.add_argument("--version", action="version", version=f"hilomoe {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    model = sub.add_parser("model", help="inspect a model configuration")
+    model_sub = model.add_subparsers(dest="model_command", metavar="COMMAND", required=True)
+    s = model_sub.add_parser(
+        "summary", formatter_class=fmt,
+        help="parameters and per-sample FLOPs (analytic and measured)",
+        description="Parameters (total, active per sample, embedding) and per-sample forward "
+                    "FLOPs of the configured model, analytic and measured by torch's "
+                    "FlopCounterMode.",
+        epilog="example:\n  hilomoe model summary studies/train_example.yaml --json",
+    )
+    s.add_argument("config", help="training configuration (YAML)")
+    s.add_argument("--routing", choices=["sparse", "dense", "off"], default="sparse",
+                   help="routing mode to count (default: sparse, the deployed model)")
+    s.add_argument("--batch", type=int, default=None, help="batch size (default: eval_batch_size)")
+    s.add_argument("--json", action="store_true", help="print one JSON object")
+    s.set_defaults(func=cmd_model_summary)
+
+    t = sub.add_parser(
+        "train", formatter_class=fmt, help="train through the three stages",
+        description="Train base -> experts -> joint, printing each stage's validation AUC and "
+                    "logloss, then the test metrics of the final model.",
+        epilog="example:\n  hilomoe train studies/train_example.yaml --local --json",
+    )
+    t.add_argument("config", help="training configuration (YAML)")
+    t.add_argument("--local", action="store_true", help="train in this process, without Ray")
+    t.add_argument("--json", action="store_true", help="print one JSON object")
+    t.set_defaults(func=cmd_train)
+
+    bench = sub.add_parser("bench", help="speed benchmarks")
+    bench_sub = bench.add_subparsers(dest="bench_command", metavar="COMMAND", required=True)
+    b = bench_sub.add_parser(
+        "layer", formatter_class=fmt,
+        help="forward+backward latency of one HiLoMoE projection vs its rivals",
+        description="Median forward+backward time of one projection: HiLoMoE at several depths "
+                    "against sequential stacking, a flat MoE, dense projections (plain and of "
+                    "equal FLOPs) and a full-rank MoE, side by side in one process.",
+        epilog="example:\n  hilomoe bench layer --json",
+    )
+    b.add_argument("--batch", type=int, default=4096)
+    b.add_argument("--dim", type=int, default=256)
+    b.add_argument("--experts", type=int, default=16)
+    b.add_argument("--top-k", type=int, default=2)
+    b.add_argument("--levels", type=int, nargs="+", default=[1, 2, 4, 8])
+    b.add_argument("--repeats", type=int, default=10)
+    b.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="auto: the CPU, and the GPU too when one is present")
+    b.add_argument("--json", action="store_true", help="print one JSON object")
+    b.set_defaults(func=cmd_bench_layer)
+    return p
+
+
+def _check_positive(args: argparse.Namespace) -> None:
+    for key in ("batch", "dim", "experts", "top_k", "repeats"):
+        value = getattr(args, key, None)
+        if value is not None and value < 1:
+            raise HilomoeError(f"--{key.replace('_', '-')}: must be a positive integer, got {value}")
+    levels = getattr(args, "levels", None)
+    if levels is not None and any(L < 1 for L in levels):
+        raise HilomoeError(f"--levels: every level count must be at least 1, got {levels}")
+    if getattr(args, "top_k", None) and getattr(args, "experts", None) and args.top_k > args.experts:
+        raise HilomoeError(f"--top-k ({args.top_k}) must be at most --experts ({args.experts})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler: Callable[[argparse.Namespace], int] = args.func
+    try:
+        _check_positive(args)
+        return handler(args)
+    except HilomoeError as err:
+        log.print(f"hilomoe: error: {err}", markup=False, highlight=False)
+        return 2
+    except KeyboardInterrupt:
+        log.print("hilomoe: interrupted", markup=False)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,258 @@
+"""Typed configuration: validated once at the edge (YAML file or dict), then passed as objects.
+
+Every model forbids unknown keys, so a typo is an error that names its key path rather than a
+setting silently ignored. `load_config(path)` is the one entry point the command line uses; a bad
+file raises `ConfigError` whose message is one sentence per problem, each naming
+`file: key.path: what is allowed`.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from hilomoe.errors import HilomoeError
+
+
+class ConfigError(HilomoeError):
+    """A configuration file or value that cannot be used; the message names the key path."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# data
+
+
+class PlantedData(Strict):
+    """An in-memory planted CTR problem with a hierarchy of latent segments (see data/planted.py)."""
+
+    rows: int = Field(60_000, ge=100, description="total rows, split into train/valid/test")
+    categorical_fields: int = Field(8, ge=1)
+    vocab_size: int = Field(500, ge=2, description="ids per categorical field")
+    zipf_exponent: float = Field(1.05, gt=0.0)
+    numeric_fields: int = Field(2, ge=0)
+    depth: int = Field(2, ge=1, description="levels of the latent segment tree")
+    branching: int = Field(4, ge=2, description="children per segment")
+    latent_dim: int = Field(4, ge=1)
+    segment_strength: float = Field(2.0, ge=0.0, description="scale of per-segment interactions")
+    valid_fraction: float = Field(0.1, gt=0.0, lt=0.5)
+    test_fraction: float = Field(0.1, gt=0.0, lt=0.5)
+    seed: int = 0
+
+
+class DataConfig(Strict):
+    synth: PlantedData = PlantedData()
+
+
+# ----------------------------------------------------------------------------------------------
+# model
+
+
+class Variant(str, Enum):
+    """The model family; one key switches a study between HiLoMoE and its ablations."""
+
+    DENSE = "dense"  # the non-MoE baseline (identical to HiLoMoE with levels = 0)
+    HILOMOE = "hilomoe"  # levels route on the previous level's scores; all levels run batched
+    FLAT = "flat"  # one level holding levels*experts experts, levels*top_k active
+    SEQUENTIAL = "sequential"  # level l+1 routes on level l's output (conventional stacking)
+    DENSE_EXPERTS = "dense_experts"  # classic MoE: `experts` full-rank experts, top_k active
+
+
+class MoEConfig(Strict):
+    variant: Variant = Variant.HILOMOE
+    levels: int = Field(2, ge=0, le=64, description="L, levels of experts (0 = no experts)")
+    experts: int = Field(8, ge=1, le=4096, description="K, experts per level")
+    rank: int = Field(1, ge=1, le=256, description="r, LoRA rank of each expert")
+    top_k: int = Field(2, ge=1, description="experts selected per level in sparse routing")
+    temperature: float = Field(1.0, gt=0.0)
+    router_projection: Literal["identity", "learned"] = "identity"
+    router_norm: bool = Field(True, description="route on x / rms(x) (scale-free logits)")
+    apply_to: tuple[Literal["mlp", "cross"], ...] = ("mlp", "cross")
+
+    @model_validator(mode="after")
+    def _check(self) -> MoEConfig:
+        if self.top_k > self.experts:
+            raise ValueError(
+                f"top_k ({self.top_k}) must be at most experts ({self.experts})"
+            )
+        if not self.apply_to:
+            raise ValueError("apply_to must name at least one of 'mlp', 'cross'")
+        return self
+
+    @property
+    def has_experts(self) -> bool:
+        return self.variant is not Variant.DENSE and self.levels > 0
+
+
+class BackboneConfig(Strict):
+    mlp: tuple[int, ...] = Field((128, 64), description="MLP widths, one per layer")
+    cross_layers: int = Field(2, ge=0, le=16, description="DCNv2 cross layers")
+    structure: Literal["parallel", "stacked"] = "parallel"
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _check(self) -> BackboneConfig:
+        if any(w < 1 for w in self.mlp):
+            raise ValueError(f"mlp widths must be positive integers, got {list(self.mlp)}")
+        if not self.mlp and self.cross_layers == 0:
+            raise ValueError("the backbone needs at least one mlp layer or one cross layer")
+        return self
+
+
+class ModelConfig(Strict):
+    embedding_dim: int = Field(8, ge=1, le=1024)
+    backbone: BackboneConfig = BackboneConfig()
+    moe: MoEConfig = MoEConfig()
+
+
+# ----------------------------------------------------------------------------------------------
+# stages
+
+
+class StageName(str, Enum):
+    BASE = "base"
+    EXPERTS = "experts"
+    JOINT = "joint"
+
+
+class AuxWeights(Strict):
+    balance: float = Field(0.0, ge=0.0)
+    z: float = Field(0.0, ge=0.0)
+    diversity: float = Field(0.0, ge=0.0)
+
+
+class StageConfig(Strict):
+    enabled: bool = True
+    epochs: int = Field(10, ge=1)
+    lr: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    batch_size: int = Field(512, ge=1)
+    patience: int = Field(2, ge=1, description="epochs without a better validation AUC")
+    min_delta: float = Field(0.0, ge=0.0)
+    grad_clip: float | None = Field(None, gt=0.0)
+    aux: AuxWeights = AuxWeights()
+    base_lr_mult: float = Field(
+        1.0, gt=0.0, description="learning-rate multiplier of base parameters (joint stage)"
+    )
+
+
+# The recipe's per-stage defaults. A file overrides them key by key (deep merge), so setting
+# `stages.joint.lr` keeps the joint stage's base_lr_mult and auxiliary weights.
+STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "base": {},
+    "experts": {"aux": {"balance": 0.01, "diversity": 0.01}},
+    "joint": {"lr": 5e-4, "base_lr_mult": 0.1, "aux": {"balance": 0.01, "z": 1e-3}},
+}
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+class StagesConfig(Strict):
+    """The three-stage recipe; any stage can be switched off (`enabled: false`)."""
+
+    base: StageConfig = StageConfig(**STAGE_DEFAULTS["base"])
+    experts: StageConfig = StageConfig(**STAGE_DEFAULTS["experts"])
+    joint: StageConfig = StageConfig(**STAGE_DEFAULTS["joint"])
+
+    @model_validator(mode="before")
+    @classmethod
+    def _recipe_defaults(cls, raw: Any) -> Any:
+        if not isinstance(raw, dict):
+            return raw
+        merged = dict(raw)
+        for name, defaults in STAGE_DEFAULTS.items():
+            if isinstance(raw.get(name), dict):
+                merged[name] = deep_merge(defaults, raw[name])
+        return merged
+
+    def get(self, name: StageName) -> StageConfig:
+        return getattr(self, name.value)
+
+
+# ----------------------------------------------------------------------------------------------
+# top level
+
+
+class TrainConfig(Strict):
+    seed: int = 0
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    stages: StagesConfig = StagesConfig()
+    eval_batch_size: int = Field(4096, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        s = self.stages
+        if not (s.base.enabled or s.experts.enabled or s.joint.enabled):
+            raise ValueError("stages: at least one of base, experts, joint must be enabled")
+        if not self.model.moe.has_experts and not s.base.enabled:
+            raise ValueError(
+                "stages.base.enabled must be true for a model without experts "
+                "(variant 'dense' or levels 0 trains only in the base stage)"
+            )
+        return self
+
+
+# ----------------------------------------------------------------------------------------------
+# loading and error messages
+
+
+def _key_path(loc: tuple[Any, ...]) -> str:
+    parts = [str(p) for p in loc if not str(p).startswith("function-")]
+    return ".".join(parts) if parts else "(top level)"
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    """One sentence per problem: `source: key.path: message (got value)`."""
+    lines = []
+    for e in err.errors():
+        path = _key_path(e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see the documented schema)"
+        elif e["type"] not in ("value_error",) and "input" in e:
+            msg = f"{msg} (got {e['input']!r})"
+        lines.append(f"{source}: {path}: {msg}.")
+    return "\n".join(lines)
+
+
+def parse_config(raw: Any, source: str = "config", model: type[BaseModel] = TrainConfig):
+    """Validate a decoded YAML/JSON document into `model`, raising ConfigError on bad input."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of keys, got {type(raw).__name__}.")
+    try:
+        return model.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, source)) from None
+
+
+def load_config(path: str | Path, model: type[BaseModel] = TrainConfig):
+    """Read and validate a YAML configuration file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: no such configuration file.")
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{p}: not valid YAML{where}: {getattr(err, 'problem', err)}.") from None
+    return parse_config(raw, str(p), model)

@@ -1,0 +1,60 @@
+"""The batch the engine consumes, and an in-memory source of shuffled batches.
+
+A batch is three tensors: `cat` (B, F_c) int64 ids, `num` (B, F_n) float32, `label` (B,) float32.
+Readers (in-memory here; Parquet and Ray Data in later layers) all yield `Batch`.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+
+class Batch(NamedTuple):
+    cat: Tensor  # (B, F_c) int64
+    num: Tensor  # (B, F_n) float32
+    label: Tensor  # (B,) float32
+
+    def to(self, device: torch.device | str) -> Batch:
+        return Batch(*(t.to(device, non_blocking=True) for t in self))
+
+    def __len__(self) -> int:  # type: ignore[override]
+        return self.label.shape[0]
+
+
+class TensorBatches:
+    """Batches of an in-memory split; `epoch(e)` reshuffles with a seed derived from (seed, e).
+
+    >>> source = TensorBatches(cat, num, label, batch_size=512, shuffle=True, seed=0)
+    >>> for batch in source.epoch(0): ...
+    """
+
+    def __init__(self, cat: np.ndarray | Tensor, num: np.ndarray | Tensor,
+                 label: np.ndarray | Tensor, batch_size: int, shuffle: bool = False,
+                 seed: int = 0):
+        self.cat = torch.as_tensor(cat, dtype=torch.long)
+        self.num = torch.as_tensor(num, dtype=torch.float32)
+        self.label = torch.as_tensor(label, dtype=torch.float32)
+        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
+
+    def __len__(self) -> int:
+        return self.label.shape[0]
+
+    def epoch(self, epoch: int = 0) -> Iterator[Batch]:
+        n = len(self)
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            order = torch.randperm(n, generator=g)
+        for lo in range(0, n, self.batch_size):
+            if self.shuffle:
+                idx = order[lo : lo + self.batch_size]
+                yield Batch(self.cat[idx], self.num[idx], self.label[idx])
+            else:
+                hi = lo + self.batch_size
+                yield Batch(self.cat[lo:hi], self.num[lo:hi], self.label[lo:hi])
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self.epoch(0)

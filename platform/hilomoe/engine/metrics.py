@@ -1,0 +1,96 @@
+"""Evaluation metrics: exact AUC, logloss, and routing statistics of MoE layers."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import numpy as np
+import torch
+from scipy.stats import rankdata
+
+from hilomoe.model.routing import Routing
+
+
+def auc(labels, scores) -> float:
+    """Exact ROC AUC by the rank statistic (Mann-Whitney U), tied scores sharing their mean rank.
+
+    AUC = (sum of positive ranks - P (P + 1) / 2) / (P N); NaN when a class is absent.
+    """
+    y = np.asarray(labels).ravel() > 0.5
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    n_pos = int(y.sum())
+    n_neg = y.size - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    ranks = rankdata(s, method="average")
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def logloss(labels, probs, eps: float = 1e-7) -> float:
+    """Mean binary cross-entropy, probabilities clipped to [eps, 1 - eps]."""
+    y = np.asarray(labels, dtype=np.float64).ravel()
+    p = np.clip(np.asarray(probs, dtype=np.float64).ravel(), eps, 1.0 - eps)
+    return float(-np.mean(y * np.log(p) + (1.0 - y) * np.log1p(-p)))
+
+
+class RoutingStats:
+    """Accumulates routing decisions over batches, per MoE layer and level.
+
+    Reported per level (averaged over MoE layers):
+      utilisation  fraction of the level's experts selected at least once
+      load_max     the busiest expert's share of selections times K (1.0 = perfectly balanced)
+      entropy      mean entropy of the routing softmax, in nats (log K = uniform)
+    and `paths`: distinct routed paths (the tuple of every level's top-k set) per batch, averaged
+    over batches and layers; at most min(B, prod over levels of C(K, k)).
+    """
+
+    def __init__(self) -> None:
+        self.counts: dict[int, torch.Tensor] = {}  # layer -> (L, K) selections
+        self.entropy: dict[int, torch.Tensor] = defaultdict(lambda: 0.0)  # layer -> (L,) sums
+        self.samples = 0
+        self.paths: list[float] = []
+
+    @torch.no_grad()
+    def add(self, routings: list[Routing]) -> None:
+        if not routings:
+            return
+        self.samples += routings[0].topk.shape[0]
+        batch_paths = []
+        for i, r in enumerate(routings):
+            B, L, K = r.probs.shape
+            ones = torch.ones_like(r.topk, dtype=torch.float64).flatten(0, 1)
+            counts = torch.zeros(B * L, K, dtype=torch.float64, device=r.topk.device)
+            counts.scatter_add_(1, r.topk.flatten(0, 1), ones)
+            counts = counts.view(B, L, K).sum(0).cpu()
+            self.counts[i] = self.counts[i] + counts if i in self.counts else counts
+            p = r.probs.double()
+            ent = -(p * p.clamp_min(1e-30).log()).sum(-1).sum(0).cpu()  # (L,)
+            self.entropy[i] = self.entropy[i] + ent
+            path = r.topk.sort(dim=-1).values.flatten(1)  # (B, L*k)
+            batch_paths.append(torch.unique(path, dim=0).shape[0])
+        self.paths.append(float(np.mean(batch_paths)))
+
+    def summary(self) -> dict[str, float]:
+        if not self.counts:
+            return {}
+        out: dict[str, float] = {}
+        levels = max(c.shape[0] for c in self.counts.values())
+        for level in range(levels):
+            util, load, ent = [], [], []
+            for i, c in self.counts.items():
+                if level >= c.shape[0]:
+                    continue
+                row = c[level]
+                util.append(float((row > 0).double().mean()))
+                load.append(float(row.max() / row.sum() * row.numel()))
+                ent.append(float(self.entropy[i][level] / self.samples))
+            out[f"level{level + 1}_utilisation"] = float(np.mean(util))
+            out[f"level{level + 1}_load_max"] = float(np.mean(load))
+            out[f"level{level + 1}_entropy"] = float(np.mean(ent))
+        out["paths"] = float(np.mean(self.paths))
+        return out
+
+
+def nan_to_none(value: float) -> float | None:
+    return None if isinstance(value, float) and math.isnan(value) else value

@@ -1,0 +1,151 @@
+"""The CTR model: field embeddings -> backbone (DCNv2 cross network and MLP) -> logit.
+
+    cat: (B, F_c) int64 ids,  num: (B, F_n) float32
+      -> FeatureEmbedding          x0: (B, d0),  d0 = (F_c + F_n) * e
+      -> cross  x_{l+1} = x0 * proj(x_l) + x_l        (DCNv2, Wang et al. 2021, eq. 1)
+      -> mlp    h_{l+1} = act(proj(h_l))
+         (parallel: cross(x0) and mlp(x0) concatenated; stacked: mlp(cross(x0)))
+      -> head   logit = w^T h + b                      (B,)
+
+Every `proj` above is a `Projection` (layers.py): dense, or with experts where `moe.apply_to`
+names its block. The non-MoE baseline is the identical model with no experts.
+`projection_specs` lists every projection's shape; the model and the FLOP accounting (flops.py)
+both build from it, so the two cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from hilomoe.config import ModelConfig
+from hilomoe.model.layers import Projection, make_projection
+from hilomoe.model.routing import Routing, RoutingMode
+
+
+@dataclass(frozen=True)
+class FeatureSchema:
+    """The input fields: one vocabulary size per categorical field, and a numeric field count."""
+
+    vocab_sizes: tuple[int, ...]
+    numeric: int = 0
+
+    @property
+    def num_fields(self) -> int:
+        return len(self.vocab_sizes) + self.numeric
+
+
+@dataclass(frozen=True)
+class ProjectionSpec:
+    name: str  # "cross.0", "mlp.1", "head"
+    d_in: int
+    d_out: int
+    experts: bool  # whether this projection carries experts (when the config has any)
+
+
+def projection_specs(schema: FeatureSchema, cfg: ModelConfig) -> list[ProjectionSpec]:
+    """Every dense projection of the model, in forward order (the head last)."""
+    bb, moe = cfg.backbone, cfg.moe
+    d0 = schema.num_fields * cfg.embedding_dim
+    specs = [ProjectionSpec(f"cross.{i}", d0, d0, "cross" in moe.apply_to)
+             for i in range(bb.cross_layers)]
+    d = d0  # cross layers keep the width d0, so the MLP reads d0 in either structure
+    for i, width in enumerate(bb.mlp):
+        specs.append(ProjectionSpec(f"mlp.{i}", d, width, "mlp" in moe.apply_to))
+        d = width
+    mlp_out = bb.mlp[-1] if bb.mlp else 0
+    if bb.structure == "parallel":
+        head_in = (d0 if bb.cross_layers else 0) + mlp_out
+    else:
+        head_in = mlp_out or d0
+    specs.append(ProjectionSpec("head", head_in, 1, False))
+    return specs
+
+
+class FeatureEmbedding(nn.Module):
+    """Per-field embeddings in one table (ids offset per field) and a vector per numeric field.
+
+    cat: (B, F_c) ids in [0, vocab_f), num: (B, F_n) -> (B, (F_c + F_n) * e); a numeric value v of
+    field j embeds as v * w_j (FuxiCTR's numeric embedding).
+    """
+
+    def __init__(self, schema: FeatureSchema, dim: int):
+        super().__init__()
+        self.schema, self.dim = schema, dim
+        self.table = nn.Embedding(sum(schema.vocab_sizes), dim)
+        nn.init.normal_(self.table.weight, std=0.05)
+        offsets = torch.tensor([0, *schema.vocab_sizes[:-1]], dtype=torch.long).cumsum(0)
+        self.register_buffer("offsets", offsets, persistent=False)
+        self.numeric = nn.Parameter(torch.randn(schema.numeric, dim) * 0.05)
+
+    def forward(self, cat: Tensor, num: Tensor) -> Tensor:
+        parts = [self.table(cat + self.offsets)]  # (B, F_c, e)
+        if self.schema.numeric:
+            parts.append(num.unsqueeze(-1) * self.numeric)  # (B, F_n, e)
+        return torch.cat(parts, dim=1).flatten(1)
+
+
+class CTRModel(nn.Module):
+    """forward(cat, num) -> (logit: (B,), routings: one Routing per MoE projection that routed)."""
+
+    def __init__(self, schema: FeatureSchema, cfg: ModelConfig):
+        super().__init__()
+        self.schema, self.cfg = schema, cfg
+        specs = projection_specs(schema, cfg)
+        moe = cfg.moe
+
+        def proj(spec: ProjectionSpec) -> Projection:
+            return make_projection(spec.d_in, spec.d_out, moe if spec.experts else None)
+
+        self.embedding = FeatureEmbedding(schema, cfg.embedding_dim)
+        self.cross = nn.ModuleList(proj(s) for s in specs if s.name.startswith("cross."))
+        self.mlp = nn.ModuleList(proj(s) for s in specs if s.name.startswith("mlp."))
+        self.head = nn.Linear(specs[-1].d_in, 1)
+        self.dropout = nn.Dropout(cfg.backbone.dropout)
+        self.parallel = cfg.backbone.structure == "parallel"
+
+    def forward(self, cat: Tensor, num: Tensor) -> tuple[Tensor, list[Routing]]:
+        routings: list[Routing] = []
+
+        def apply(layer: Projection, x: Tensor) -> Tensor:
+            y, routing = layer(x)
+            if routing is not None:
+                routings.append(routing)
+            return y
+
+        x0 = self.embedding(cat, num)
+        xc = x0
+        for layer in self.cross:
+            xc = x0 * apply(layer, xc) + xc
+        h = x0 if (self.parallel or not self.cross) else xc
+        for layer in self.mlp:
+            h = self.dropout(torch.relu(apply(layer, h)))
+        if self.parallel:
+            parts = ([xc] if self.cross else []) + ([h] if self.mlp else [])
+            h = torch.cat(parts, dim=1)
+        return self.head(h).squeeze(-1), routings
+
+    # -- what the stage engine needs ---------------------------------------------------------
+
+    def projections(self) -> list[Projection]:
+        return [*self.cross, *self.mlp]
+
+    def moe_layers(self) -> list[Projection]:
+        return [p for p in self.projections() if p.has_experts]
+
+    @property
+    def has_experts(self) -> bool:
+        return bool(self.moe_layers())
+
+    def set_routing(self, mode: RoutingMode) -> None:
+        for layer in self.moe_layers():
+            layer.mode = mode
+
+    def expert_parameters(self) -> list[nn.Parameter]:
+        return [p for layer in self.moe_layers() for p in layer.expert_parameters()]
+
+    def base_parameters(self) -> list[nn.Parameter]:
+        experts = {id(p) for p in self.expert_parameters()}
+        return [p for p in self.parameters() if id(p) not in experts]

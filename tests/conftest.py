@@ -1,0 +1,35 @@
+"""Shared fixtures. The core tests need no Ray; Ray-backed tests share one local instance."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hilomoe.config import MoEConfig, ModelConfig, Variant
+from hilomoe.model.ctr import FeatureSchema
+
+VARIANTS = [v for v in Variant]
+MOE_VARIANTS = [v for v in Variant if v is not Variant.DENSE]
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def schema() -> FeatureSchema:
+    return FeatureSchema(vocab_sizes=(30, 40, 50, 20), numeric=2)
+
+
+def model_config(variant: Variant = Variant.HILOMOE, **moe) -> ModelConfig:
+    defaults = dict(variant=variant, levels=3, experts=4, top_k=2)
+    return ModelConfig(embedding_dim=4, backbone={"mlp": [16, 8], "cross_layers": 2},
+                       moe=MoEConfig(**{**defaults, **moe}))
+
+
+def random_inputs(schema: FeatureSchema, batch: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    cat = torch.stack([torch.randint(0, v, (batch,), generator=g) for v in schema.vocab_sizes], 1)
+    num = torch.randn(batch, schema.numeric, generator=g)
+    return cat, num

@@ -1,0 +1,91 @@
+"""The `hilomoe` command as a person and a script use it: real processes, real files."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+EXAMPLE = "studies/train_example.yaml"
+
+
+def hilomoe(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "hilomoe", *args], capture_output=True,
+                          text=True, timeout=900, env={**os.environ, "COLUMNS": "120"})
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def one_json(stdout: str) -> dict:
+    lines = [line for line in stdout.splitlines() if line.strip()]
+    assert len(lines) == 1, stdout
+    return json.loads(lines[0])
+
+
+def test_model_summary_json_on_the_example():
+    res = one_json(hilomoe("model", "summary", EXAMPLE, "--json").stdout)
+    for key in ("params_total", "params_active", "params_embedding", "flops_analytic",
+                "flops_measured"):
+        assert isinstance(res[key], (int, float)) and res[key] > 0, key
+    assert res["flops_measured"] == pytest.approx(res["flops_analytic"], rel=0.02)
+    assert res["params_active"] < res["params_total"]  # top-k leaves experts unread
+
+
+def test_model_summary_table_for_a_person():
+    out = hilomoe("model", "summary", EXAMPLE).stdout
+    assert "FLOPs/sample" in out and "measured" in out and "total" in out
+
+
+@pytest.mark.slow
+def test_train_local_json_on_the_example():
+    proc = hilomoe("train", EXAMPLE, "--local", "--json")
+    res = one_json(proc.stdout)
+    assert list(res["stages"]) == ["base", "experts", "joint"]
+    for stage in res["stages"].values():
+        assert stage["epochs"] >= 1 and 0.5 < stage["auc"] < 1 and stage["logloss"] > 0
+    assert 0.5 < res["test"]["auc"] < 1 and res["test"]["logloss"] > 0
+    assert "[   base] epoch   1" in proc.stderr  # progress goes to stderr
+
+
+def test_bench_layer_json_keys():
+    res = one_json(hilomoe("bench", "layer", "--json", "--batch", "64", "--dim", "16",
+                           "--experts", "4", "--levels", "1", "2", "--repeats", "2").stdout)
+    variants = {r["variant"] for r in res["rows"]}
+    assert variants == {"dense", "hilomoe", "sequential", "flat", "dense_experts"}
+    for r in res["rows"]:
+        for key in ("variant", "levels", "experts", "batch", "device", "ms", "flops"):
+            assert key in r
+        assert r["ms"] > 0 and r["flops"] > 0 and r["batch"] == 64
+    assert {r["levels"] for r in res["rows"] if r["variant"] == "hilomoe"} == {1, 2}
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["model", "summary", "missing.yaml"], "missing.yaml: no such configuration file"),
+    (["train", EXAMPLE], "add --local"),
+    (["bench", "layer", "--experts", "2", "--top-k", "3"], "--top-k (3) must be at most --experts (2)"),
+])
+def test_bad_input_gets_one_sentence(args, fragment):
+    proc = hilomoe(*args, check=False)
+    assert proc.returncode == 2
+    assert fragment in proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
+
+
+def test_bad_config_key_names_the_path(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  moe:\n    experts: 4\n    top_k: 9\n    rnak: 1\n")
+    proc = hilomoe("train", str(bad), "--local", check=False)
+    assert proc.returncode == 2
+    assert "model.moe.rnak: unknown key" in proc.stderr
+    assert "top_k (9) must be at most experts (4)" in proc.stderr or "model.moe" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_help_has_examples():
+    for args in (["--help"], ["model", "summary", "--help"], ["train", "--help"],
+                 ["bench", "layer", "--help"]):
+        assert "example" in hilomoe(*args).stdout

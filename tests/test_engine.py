@@ -1,0 +1,150 @@
+"""The three-stage engine: what each stage trains, freezes and routes, and its checkpoints."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from conftest import VARIANTS
+from hilomoe.config import PlantedData, StageName, TrainConfig
+from hilomoe.data.planted import generate_planted
+from hilomoe.engine.local import build_model, sources, train_local
+from hilomoe.engine.loop import EarlyStopping, Engine
+from hilomoe.model.routing import RoutingMode
+
+SMALL = {
+    "data": {"synth": {"rows": 3000, "categorical_fields": 4, "vocab_size": 20}},
+    "model": {"embedding_dim": 4, "backbone": {"mlp": [16], "cross_layers": 1},
+              "moe": {"levels": 2, "experts": 4, "top_k": 2}},
+    "stages": {"base": {"epochs": 2, "lr": 0.01}, "experts": {"epochs": 2, "lr": 0.01},
+               "joint": {"epochs": 2, "lr": 0.01}},
+    "eval_batch_size": 512,
+}
+
+
+def small_config(**overrides) -> TrainConfig:
+    raw = copy.deepcopy(SMALL)
+    for key, value in overrides.items():
+        node = raw
+        *path, last = key.split(".")
+        for p in path:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return TrainConfig.model_validate(raw)
+
+
+@pytest.fixture(scope="module")
+def problem():
+    return generate_planted(PlantedData.model_validate(SMALL["data"]["synth"]))
+
+
+def make_engine(cfg, problem):
+    return Engine(build_model(cfg, problem), cfg.stages), sources(problem, cfg)
+
+
+def snapshot(params):
+    return [p.detach().clone() for p in params]
+
+
+def test_stage_two_starts_exactly_at_stage_one(problem):
+    cfg = small_config()
+    engine, src = make_engine(cfg, problem)
+    list(engine.fit_stage(StageName.BASE, src["train"], src["valid"]))
+    before = engine.predict(src["valid"].epoch(0))
+    engine.start_stage(StageName.EXPERTS)
+    assert all(layer.mode is RoutingMode.DENSE for layer in engine.model.moe_layers())
+    after = engine.predict(src["valid"].epoch(0))
+    assert after.routing.summary()  # the experts are routing now ...
+    assert (after.probs == before.probs).all()  # ... and the function is unchanged
+    assert after.metrics()["logloss"] == before.metrics()["logloss"]
+
+
+def test_each_stage_trains_and_freezes_what_the_recipe_says(problem):
+    cfg = small_config()
+    engine, src = make_engine(cfg, problem)
+    model = engine.model
+    base0, experts0 = snapshot(model.base_parameters()), snapshot(model.expert_parameters())
+
+    list(engine.fit_stage(StageName.BASE, src["train"], src["valid"]))
+    base1, experts1 = snapshot(model.base_parameters()), snapshot(model.expert_parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(base0, base1))
+    assert all(torch.equal(a, b) for a, b in zip(experts0, experts1))  # experts untouched
+
+    list(engine.fit_stage(StageName.EXPERTS, src["train"], src["valid"]))
+    base2, experts2 = snapshot(model.base_parameters()), snapshot(model.expert_parameters())
+    assert all(torch.equal(a, b) for a, b in zip(base1, base2))  # base frozen
+    assert any(not torch.equal(a, b) for a, b in zip(experts1, experts2))
+
+    engine.start_stage(StageName.JOINT)
+    assert all(layer.mode is RoutingMode.SPARSE for layer in model.moe_layers())
+    lrs = sorted(g["lr"] for g in engine.optimizer.param_groups)
+    assert lrs == pytest.approx([cfg.stages.joint.lr * cfg.stages.joint.base_lr_mult,
+                                 cfg.stages.joint.lr])
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_single_stage_joint_from_scratch_is_one_flag_away(problem):
+    cfg = small_config(**{"stages.base.enabled": False, "stages.experts.enabled": False})
+    engine, src = make_engine(cfg, problem)
+    assert engine.plan() == [StageName.JOINT]
+    engine.start_stage(StageName.JOINT)
+    # no trained base to protect: every parameter trains at the stage's learning rate
+    assert {g["lr"] for g in engine.optimizer.param_groups} == {cfg.stages.joint.lr}
+
+
+def test_dense_variant_trains_in_the_base_stage_only(problem):
+    cfg = small_config(**{"model.moe.variant": "dense"})
+    engine, _ = make_engine(cfg, problem)
+    assert engine.plan() == [StageName.BASE]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_variant_trains_through_its_stages(problem, variant):
+    cfg = small_config(**{"model.moe.variant": variant.value})
+    result = train_local(cfg, problem=problem)
+    expected = ["base"] if variant.value == "dense" else ["base", "experts", "joint"]
+    assert list(result["stages"]) == expected
+    for stage in result["stages"].values():
+        assert 1 <= stage["epochs"] <= 2 and 0.5 < stage["auc"] <= 1.0
+    assert 0.5 < result["test"]["auc"] <= 1.0
+    losses = [h["train"]["loss"] for h in result["history"]]
+    assert all(torch.isfinite(torch.tensor(losses)))
+    if variant.value != "dense":
+        joint = [h for h in result["history"] if h["stage"] == "joint"]
+        assert {"task", "balance", "z"} <= set(joint[0]["train"])
+        assert joint[0]["valid"]["paths"] >= 1
+
+
+def test_best_weights_are_restored_at_the_end_of_a_stage(problem):
+    cfg = small_config(**{"stages.base.epochs": 4, "stages.base.lr": 0.05})
+    engine, src = make_engine(cfg, problem)
+    records = list(engine.fit_stage(StageName.BASE, src["train"], src["valid"]))
+    best = max(r.valid["auc"] for r in records)
+    assert engine.evaluate(src["valid"].epoch(0))["auc"] == pytest.approx(best, abs=1e-12)
+
+
+def test_early_stopping():
+    stop = EarlyStopping(patience=2)
+    assert stop.update(0.7, 0) and not stop.should_stop
+    assert not stop.update(0.69, 1) and not stop.should_stop
+    assert not stop.update(0.70, 2) and stop.should_stop
+    assert stop.best == 0.7 and stop.best_epoch == 0
+
+
+def test_checkpoint_resume_continues_bit_for_bit(problem):
+    """Epoch 2 after a save/load equals epoch 2 of an uninterrupted run."""
+    torch.set_num_threads(1)
+    cfg = small_config()
+    a, src = make_engine(cfg, problem)
+    a.start_stage(StageName.JOINT)
+    a.train_epoch(src["train"].epoch(0))
+    state = copy.deepcopy(a.state_dict())
+    a.train_epoch(src["train"].epoch(1))
+
+    b, _ = make_engine(cfg, problem)
+    b.load_state_dict(state)
+    b.train_epoch(src["train"].epoch(1))
+    for (name, pa), pb in zip(a.model.state_dict().items(), b.model.state_dict().values()):
+        assert torch.equal(pa, pb), name

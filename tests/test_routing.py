@@ -1,0 +1,102 @@
+"""Routing and expert computation: the batched paths against literal references."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from hilomoe.model.experts import LoRAExperts, sparse_rows_product
+from hilomoe.model.layers import HiLoMoEProjection
+from hilomoe.model.routing import (
+    RoutingMode, hierarchical_route, hierarchical_route_reference, query_scale,
+)
+
+
+def make_layer(levels=4, experts=6, rank=1, top_k=2, d_in=12, d_out=10, learned=False,
+               normalize=True) -> HiLoMoEProjection:
+    layer = HiLoMoEProjection(d_in, d_out, levels, experts, rank, top_k, 0.7, learned, normalize)
+    torch.nn.init.normal_(layer.bank.U, std=0.3)  # non-zero experts
+    if learned:
+        torch.nn.init.normal_(layer.router.weight, std=0.3)
+    return layer
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+@pytest.mark.parametrize("learned", [False, True])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_score_chained_routing_equals_literal_recurrence(sparse, learned, normalize):
+    """The Gram-matrix routing pass equals q_{l+1} = q_l + s_l k_l computed level by level."""
+    layer = make_layer(learned=learned, normalize=normalize).double()
+    x = torch.randn(64, 12, dtype=torch.double)
+    z = layer.bank.down(x)
+    fast = layer.route(x, z, sparse)
+    q1 = layer.router(x) if learned else x
+    q1 = q1 * query_scale(x, normalize, 12) * math.sqrt(12)  # the reference scales by 1/sqrt(d)
+    ref = hierarchical_route_reference(q1, layer.bank.keys(), 2, 0.7, sparse)
+    torch.testing.assert_close(fast.scores, ref.scores)
+    torch.testing.assert_close(fast.logits, ref.logits)
+    assert torch.equal(fast.topk, ref.topk)
+
+
+@pytest.mark.parametrize("rank", [1, 3])
+@pytest.mark.parametrize("mode", [RoutingMode.SPARSE, RoutingMode.DENSE])
+def test_batched_levels_equal_loop_over_levels_and_experts(rank, mode):
+    """All levels' experts in one batched computation == a loop over levels and experts."""
+    layer = make_layer(rank=rank).double()
+    layer.mode = mode
+    x = torch.randn(32, 12, dtype=torch.double)
+    y, routing = layer(x)
+    expected = layer.base(x) + layer.bank.mixture_reference(x, routing.scores)
+    torch.testing.assert_close(y, expected)
+
+
+def test_next_level_routing_ignores_output_side_and_follows_keys():
+    layer = make_layer(levels=3).double()
+    x = torch.randn(128, 12, dtype=torch.double)
+    before = layer(x)[1]
+    U = layer.bank.U.data.view(3, 6, 1, 10)
+    U[0] += torch.randn_like(U[0])  # perturb level 1's output side
+    after_u = layer(x)[1]
+    torch.testing.assert_close(after_u.scores[:, 1:], before.scores[:, 1:], rtol=0, atol=0)
+    V = layer.bank.V.data.view(3, 6, 1, 12)
+    V[0] += 0.5 * torch.randn_like(V[0])  # perturb level 1's keys
+    after_v = layer(x)[1]
+    assert not torch.allclose(after_v.scores[:, 1], before.scores[:, 1])
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 5, 6])
+def test_topk_leaves_exactly_k_nonzero_scores(top_k):
+    layer = make_layer(top_k=top_k)
+    layer.mode = RoutingMode.SPARSE
+    x = torch.randn(256, 12)
+    _, routing = layer(x)
+    nonzero = (routing.scores != 0).sum(-1)
+    assert torch.all(nonzero == top_k)
+    torch.testing.assert_close(routing.scores.sum(-1), torch.ones(256, 4))
+
+
+def test_ties_still_select_exactly_k():
+    """All logits equal: the top-k mask must still keep exactly k experts per level."""
+    gram = torch.zeros(15, 15)
+    routing = hierarchical_route(torch.zeros(8, 3, 5), gram, 2, 1.0, sparse=True)
+    assert torch.all((routing.scores != 0).sum(-1) == 2)
+
+
+def test_sparse_rows_product_gradients_match_dense_reference():
+    torch.manual_seed(1)
+    table = torch.randn(20, 7, dtype=torch.double, requires_grad=True)
+    rows = torch.stack([torch.randperm(20)[:4] for _ in range(9)])
+    coef = torch.randn(9, 4, dtype=torch.double, requires_grad=True)
+    y = sparse_rows_product(coef, rows, table)
+    ref = torch.einsum("bj,bjo->bo", coef, table[rows])
+    torch.testing.assert_close(y, ref)
+    assert torch.autograd.gradcheck(sparse_rows_product, (coef, rows, table))
+
+
+def test_lora_bank_zero_init_and_shapes():
+    bank = LoRAExperts(d_in=16, d_out=8, levels=2, experts=4, rank=3)
+    assert bank.down(torch.randn(5, 16)).shape == (5, 2, 4, 3)
+    assert bank.keys().shape == (2, 4, 16)
+    assert torch.count_nonzero(bank.U) == 0
