@@ -40,7 +40,9 @@ def test_logloss_hand_value():
 
 
 def routing_from(probs: torch.Tensor, topk: torch.Tensor) -> Routing:
-    return Routing(scores=probs, probs=probs, logits=probs.log(), topk=topk)
+    k = topk.shape[-1]
+    return Routing(list(probs.log().unbind(1)), k, gates=torch.full(topk.shape, 1.0 / k),
+                   selected=topk)
 
 
 def test_balance_loss_is_one_when_balanced_and_k_when_collapsed():
@@ -55,8 +57,8 @@ def test_balance_loss_is_one_when_balanced_and_k_when_collapsed():
 
 
 def test_z_loss_hand_value():
-    logits = torch.zeros(2, 1, 4)
-    r = Routing(scores=logits, probs=logits.softmax(-1), logits=logits, topk=torch.zeros(2, 1, 1, dtype=torch.long))
+    r = Routing([torch.zeros(2, 4)], 1, gates=torch.ones(2, 1, 1),
+                selected=torch.zeros(2, 1, 1, dtype=torch.long))
     assert z_loss(r).item() == pytest.approx(math.log(4) ** 2)
 
 

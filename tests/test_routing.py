@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from hilomoe.model import fused
 from hilomoe.model.experts import LoRAExperts, sparse_rows_product
 from hilomoe.model.layers import HiLoMoEProjection
 from hilomoe.model.routing import (
@@ -80,7 +81,7 @@ def test_topk_leaves_exactly_k_nonzero_scores(top_k):
 def test_ties_still_select_exactly_k():
     """All logits equal: the top-k mask must still keep exactly k experts per level."""
     gram = torch.zeros(15, 15)
-    routing = hierarchical_route(torch.zeros(8, 3, 5), gram, 2, 1.0, sparse=True)
+    routing = hierarchical_route(torch.zeros(8, 3, 5), gram, 2, sparse=True)
     assert torch.all((routing.scores != 0).sum(-1) == 2)
 
 
@@ -100,3 +101,49 @@ def test_lora_bank_zero_init_and_shapes():
     assert bank.down(torch.randn(5, 16)).shape == (5, 2, 4, 3)
     assert bank.keys().shape == (2, 4, 16)
     assert torch.count_nonzero(bank.U) == 0
+
+
+needs_kernel = pytest.mark.skipif(fused.kernel() is None, reason="fused kernel cannot be built here")
+
+
+@needs_kernel
+@pytest.mark.parametrize("sparse", [True, False])
+@pytest.mark.parametrize("levels, experts, top_k", [(1, 16, 4), (3, 6, 2), (8, 16, 2)])
+def test_fused_kernel_equals_eager_routing_values_and_gradients(sparse, levels, experts, top_k):
+    torch.manual_seed(3)
+    B, d = 256, 24
+    base = torch.randn(B, levels, experts, requires_grad=True)
+    keys = torch.randn(levels * experts, d, requires_grad=True)
+    weights = torch.randn(B, levels, experts)
+
+    def run(route):
+        base.grad, keys.grad = None, None
+        gram = keys @ keys.T / d if levels > 1 else None
+        r = route(base, gram, top_k, sparse)
+        # a loss that reaches the logits, the combination weights and the probabilities
+        loss = (r.scores * weights).sum() + r.logits.pow(2).mean() + (r.probs * weights).mean()
+        loss.backward()
+        grads = (base.grad.clone(), keys.grad.clone() if levels > 1 else None)
+        return r, grads
+
+    fast, (gb_fast, gk_fast) = run(hierarchical_route)
+    assert isinstance(fast.raw_logits, torch.Tensor)  # the kernel ran
+    with fused.eager():
+        slow, (gb_slow, gk_slow) = run(hierarchical_route)
+    assert isinstance(slow.raw_logits, list)  # the eager path ran
+    assert torch.equal(fast.topk.sort(-1).values, slow.topk.sort(-1).values)
+    torch.testing.assert_close(fast.logits, slow.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast.scores, slow.scores, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gb_fast, gb_slow, rtol=1e-4, atol=1e-5)
+    if levels > 1:
+        torch.testing.assert_close(gk_fast, gk_slow, rtol=1e-4, atol=1e-4)
+
+
+@needs_kernel
+def test_fused_kernel_inside_the_layer_matches_eager_layer():
+    layer = make_layer(levels=4, experts=8, top_k=2)
+    x = torch.randn(128, 12)
+    y_fast, _ = layer(x)
+    with fused.eager():
+        y_slow, _ = layer(x)
+    torch.testing.assert_close(y_fast, y_slow, rtol=1e-5, atol=1e-5)

@@ -34,15 +34,15 @@ class PlantedData(Strict):
     """An in-memory planted CTR problem with a hierarchy of latent segments (see data/planted.py)."""
 
     rows: int = Field(60_000, ge=100, description="total rows, split into train/valid/test")
-    categorical_fields: int = Field(8, ge=1)
-    vocab_size: int = Field(500, ge=2, description="ids per categorical field")
+    categorical_fields: int = Field(6, ge=1)
+    vocab_size: int = Field(20, ge=2, description="ids per categorical field")
     zipf_exponent: float = Field(1.05, gt=0.0)
     numeric_fields: int = Field(2, ge=0)
-    depth: int = Field(2, ge=1, description="levels of the latent segment tree")
+    depth: int = Field(3, ge=1, description="levels of the latent segment tree")
     branching: int = Field(4, ge=2, description="children per segment")
     latent_dim: int = Field(4, ge=1)
-    segment_strength: float = Field(2.0, ge=0.0, description="scale of per-segment interactions")
-    valid_fraction: float = Field(0.1, gt=0.0, lt=0.5)
+    segment_strength: float = Field(3.0, ge=0.0, description="scale of per-segment interactions")
+    valid_fraction: float = Field(0.15, gt=0.0, lt=0.5)
     test_fraction: float = Field(0.1, gt=0.0, lt=0.5)
     seed: int = 0
 

@@ -49,21 +49,32 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_fwd_bwd(layer: Projection, x: torch.Tensor, repeats: int, warmup: int) -> float:
-    """Median milliseconds of forward + backward (gradients for x and every parameter)."""
-    device = x.device
-    times = []
-    for i in range(warmup + repeats):
-        layer.zero_grad(set_to_none=True)
-        x.grad = None
-        _sync(device)
-        t0 = time.perf_counter()
-        y, _ = layer(x)
-        y.sum().backward()
-        _sync(device)
-        if i >= warmup:
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+def fwd_bwd_ms(layer: Projection, x: torch.Tensor, grad: torch.Tensor) -> float:
+    """Milliseconds of one forward + backward (gradients for x and every parameter), with a
+    dense upstream gradient as in training (`y.sum()` would hand back a broadcast one)."""
+    layer.zero_grad(set_to_none=True)
+    x.grad = None
+    _sync(x.device)
+    t0 = time.perf_counter()
+    y, _ = layer(x)
+    y.backward(grad)
+    _sync(x.device)
+    return (time.perf_counter() - t0) * 1e3
+
+
+def interleaved_medians(layers: list[Projection], x: torch.Tensor, repeats: int,
+                        warmup: int) -> list[float]:
+    """Median time of each layer, measured round-robin so that the machine's slow spells (a
+    shared VM's neighbours, frequency changes) fall on every variant alike."""
+    grads = [torch.randn(x.shape[0], layer.d_out, device=x.device) for layer in layers]
+    for _ in range(warmup):
+        for layer, grad in zip(layers, grads):
+            fwd_bwd_ms(layer, x, grad)
+    times: list[list[float]] = [[] for _ in layers]
+    for _ in range(repeats):
+        for i, (layer, grad) in enumerate(zip(layers, grads)):
+            times[i].append(fwd_bwd_ms(layer, x, grad))
+    return [statistics.median(t) for t in times]
 
 
 def equal_flops_width(d: int, target_forward_flops: float) -> int:
@@ -77,30 +88,30 @@ def run(batch: int = 4096, dim: int = 256, experts: int = 16, top_k: int = 2,
     dev = torch.device(device)
     torch.manual_seed(seed)
     x = torch.randn(batch, dim, device=dev, requires_grad=True)
-    rows: list[Row] = []
-
-    def measure(variant: str, L: int, moe: MoEConfig | None, d_out: int = dim) -> None:
+    cases: list[tuple[str, int, MoEConfig | None, int]] = [("dense", 0, None, dim)]
+    for L in levels:
+        for variant in (Variant.HILOMOE, Variant.SEQUENTIAL, Variant.FLAT):
+            cases.append((variant.value, L,
+                          MoEConfig(variant=variant, levels=L, experts=experts, top_k=top_k), dim))
+        hilomoe_fwd = projection_cost(dim, dim, MoEConfig(levels=L, experts=experts, top_k=top_k),
+                                      RoutingMode.SPARSE, batch).flops
+        cases.append(("dense", L, None, equal_flops_width(dim, hilomoe_fwd)))
+    cases.append(("dense_experts", 1, MoEConfig(variant=Variant.DENSE_EXPERTS, levels=1,
+                                                experts=experts, top_k=top_k), dim))
+    layers = []
+    for _, _, moe, d_out in cases:
         layer = make_projection(dim, d_out, moe).to(dev)
         layer.mode = RoutingMode.SPARSE
-        # non-zero up-factors, so no kernel can shortcut on zeros
         for name, p in layer.named_parameters():
-            if name in ("bank.U", "bank.weight"):
+            if name in ("bank.U", "bank.weight"):  # non-zero experts: no shortcut on zeros
                 torch.nn.init.normal_(p, std=0.02)
-        ms = time_fwd_bwd(layer, x, repeats, warmup)
+        layers.append(layer)
+    medians = interleaved_medians(layers, x, repeats, warmup)
+    rows = []
+    for (variant, L, moe, d_out), ms in zip(cases, medians):
         fwd = projection_cost(dim, d_out, moe, RoutingMode.SPARSE, batch).flops
         rows.append(Row(variant, L, moe.experts if moe else 0, batch, dev.type, ms,
                         3.0 * fwd * batch, dim, d_out))
-
-    measure("dense", 0, None)
-    for L in levels:
-        for variant in (Variant.HILOMOE, Variant.SEQUENTIAL, Variant.FLAT):
-            measure(variant.value, L, MoEConfig(variant=variant, levels=L, experts=experts,
-                                                top_k=top_k))
-        hilomoe_fwd = projection_cost(dim, dim, MoEConfig(levels=L, experts=experts, top_k=top_k),
-                                      RoutingMode.SPARSE, batch).flops
-        measure("dense", L, None, equal_flops_width(dim, hilomoe_fwd))
-    measure("dense_experts", 1, MoEConfig(variant=Variant.DENSE_EXPERTS, levels=1,
-                                          experts=experts, top_k=top_k))
     return rows
 
 

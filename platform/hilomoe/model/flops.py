@@ -13,7 +13,9 @@ level, r rank, k top-k; flat = L' 1 level of L*K experts with L*k active):
     HiLoMoE  down x V^T (all experts)   2 d_in L K r           (= the routing logits when P = I)
              learned P and its logits   2 d_in^2 + 2 d_in L K
              keys' Gram matrix          2 (L K)^2 d_in / B     (once per batch)
-             score recurrence           K^2 L (L - 1)
+             score recurrence           K^2 L (L - 1)          (the dense (B, K) x (K, .) form;
+                                                               the fused CPU kernel skips the
+                                                               zeros of sparse scores: k/K of it)
              up (sparse / dense)        2 L k r d_out  /  2 L K r d_out
     sequential: down as above, routers (L-1) 2 d_out K, up as above
     dense_experts: router 2 d_in K, experts 2 k d_in d_out (dense: 2 K d_in d_out + 2 K d_out)
@@ -32,6 +34,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from hilomoe.config import MoEConfig, ModelConfig, Variant
 from hilomoe.model.ctr import FeatureSchema, projection_specs
+from hilomoe.model import fused
 from hilomoe.model.routing import RoutingMode
 
 
@@ -158,7 +161,7 @@ def _flop_counter() -> FlopCounterMode:
 def measured_flops(model: torch.nn.Module, *inputs: torch.Tensor) -> float:
     """Per-sample forward FLOPs of `model(*inputs)` counted by torch's FlopCounterMode."""
     counter = _flop_counter()
-    with counter:
+    with counter, fused.eager():  # the fused routing kernel is opaque to the counter
         model(*inputs)
     return counter.get_total_flops() / inputs[0].shape[0]
 

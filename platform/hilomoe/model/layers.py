@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from hilomoe.config import MoEConfig, Variant
 from hilomoe.model.experts import FullRankExperts, LoRAExperts
 from hilomoe.model.routing import (
-    Routing, RoutingMode, hierarchical_route, query_scale, route_level, stack_levels,
+    Routing, RoutingMode, collect, hierarchical_route, query_scale, route_level, select,
 )
 
 
@@ -92,13 +92,16 @@ class HiLoMoEProjection(Projection):
     def route(self, x: Tensor, z: Tensor, sparse: bool) -> Routing:
         """x: (B, d_in), z: (B, L, K, r) down-projections -> Routing over (B, L, K)."""
         keys = self.bank.keys().reshape(-1, self.d_in)  # (L*K, d_in)
-        scale = query_scale(x, self.normalize, self.d_in).unsqueeze(-1)  # (B, 1, 1)
+        # 1 / (sqrt(d) T), and 1 / rms(x) when normalizing: (B, 1, 1)
+        scale = (query_scale(x, self.normalize, self.d_in) / self.temperature).unsqueeze(-1)
         if self.router is None:
             base_logits = z[..., 0] * scale  # q_1 = x, and row 0 of V is the key
         else:
             base_logits = (self.router(x) @ keys.T).view(z.shape[:3]) * scale
-        gram = keys @ keys.T / math.sqrt(self.d_in) if self.levels > 1 else None
-        return hierarchical_route(base_logits, gram, self.top_k, self.temperature, sparse)
+        gram = None
+        if self.levels > 1:
+            gram = keys @ keys.T / (math.sqrt(self.d_in) * self.temperature)
+        return hierarchical_route(base_logits, gram, self.top_k, sparse)
 
     def mixture(self, x: Tensor, y: Tensor, sparse: bool) -> tuple[Tensor, Routing]:
         z = self.bank.down(x)  # (B, L, K, r)
@@ -113,10 +116,9 @@ def combine(bank: LoRAExperts, z: Tensor, routing: Routing, sparse: bool, first_
     """
     if not sparse:
         return bank.up_dense(routing.scores.unsqueeze(-1) * z, first_level)
-    topk = routing.topk
-    gate = routing.scores.gather(-1, topk)  # (B, L', k)
-    z_sel = z.gather(2, topk.unsqueeze(-1).expand(*topk.shape, z.shape[-1]))  # (B, L', k, r)
-    return bank.up_sparse(gate.unsqueeze(-1) * z_sel, topk, first_level)
+    selected = routing.selected
+    z_sel = z.gather(2, selected.unsqueeze(-1).expand(*selected.shape, z.shape[-1]))
+    return bank.up_sparse(routing.gates.unsqueeze(-1) * z_sel, selected, first_level)
 
 
 class SequentialLoRAMoEProjection(Projection):
@@ -142,17 +144,19 @@ class SequentialLoRAMoEProjection(Projection):
 
     def mixture(self, x: Tensor, y: Tensor, sparse: bool) -> tuple[Tensor, Routing]:
         z = self.bank.down(x)  # (B, L, K, r)
-        out, levels = y, []
+        out, logits, decisions = y, [], []
         for level in range(self.levels):
             if level == 0:
-                logits = z[:, 0, :, 0] * query_scale(x, self.normalize, self.d_in)
+                logit = z[:, 0, :, 0] * query_scale(x, self.normalize, self.d_in)
             else:
-                logits = out @ self.routers[level - 1].T * query_scale(out, self.normalize, self.d_out)
-            route = route_level(logits, self.top_k, self.temperature, sparse)
-            levels.append(route)
-            one = Routing(*(t.unsqueeze(1) for t in route))
+                logit = out @ self.routers[level - 1].T * query_scale(out, self.normalize, self.d_out)
+            logit = logit / self.temperature
+            decision = select(logit, self.top_k, sparse)
+            logits.append(logit)
+            decisions.append(decision)
+            one = collect([logit], [decision], self.top_k, sparse)
             out = out + combine(self.bank, z[:, level : level + 1], one, sparse, level)
-        return out - y, stack_levels(levels)
+        return out - y, collect(logits, decisions, self.top_k, sparse)
 
 
 class DenseExpertsProjection(Projection):
@@ -172,13 +176,12 @@ class DenseExpertsProjection(Projection):
 
     def mixture(self, x: Tensor, y: Tensor, sparse: bool) -> tuple[Tensor, Routing]:
         logits = x @ self.router_keys.T * query_scale(x, self.normalize, self.d_in)
-        route = route_level(logits, self.top_k, self.temperature, sparse)
-        scores, _, _, topk = route
+        routing = route_level(logits, self.top_k, self.temperature, sparse)
         if sparse:
-            delta = self.bank.sparse(x, scores.gather(-1, topk), topk)
+            delta = self.bank.sparse(x, routing.gates[:, 0], routing.selected[:, 0])
         else:
-            delta = self.bank.dense(x, scores)
-        return delta, stack_levels([route])
+            delta = self.bank.dense(x, routing.soft[:, 0])
+        return delta, routing
 
 
 def make_projection(d_in: int, d_out: int, moe: MoEConfig | None) -> Projection:

@@ -22,9 +22,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from enum import Enum
+from functools import cached_property
 
 import torch
 from torch import Tensor
+
+from hilomoe.model import fused
 
 
 class RoutingMode(str, Enum):
@@ -35,24 +38,57 @@ class RoutingMode(str, Enum):
     SPARSE = "sparse"  # top-k routing: exactly k non-zero scores per level and sample
 
 
-@dataclass
+@dataclass(eq=False)
 class Routing:
     """What one MoE projection decided for a batch (B samples, L levels, K experts, k chosen).
 
-    scores: (B, L, K) combination weights s_l (zero outside the top-k in sparse mode)
-    probs:  (B, L, K) softmax of the unmasked logits (load-balance loss, routing entropy)
-    logits: (B, L, K) temperature-scaled logits fed to the softmax (router z-loss)
-    topk:   (B, L, k) indices of the k highest-scoring experts (the routed path)
+    Built from what the forward pass needs; the rest is derived on first access, so inference
+    pays for none of it:
+
+    raw_logits: (B, L, K), or L tensors (B, K): temperature-scaled logits fed to the softmax
+    top_k:      k
+    gates:      (B, L, k) sparse routing: softmax over the selected logits (None when dense)
+    selected:   (B, L, k) sparse routing: the selected experts (None when dense)
+    soft:       (B, L, K) dense routing: the full softmax (None when sparse)
+
+    logits (B, L, K)  the stacked logits (router z-loss)
+    probs  (B, L, K)  softmax of the unmasked logits (load balance, routing entropy)
+    scores (B, L, K)  combination weights s_l, zero outside the top-k when sparse
+    topk   (B, L, k)  the k highest-scoring experts per level: the routed path
     """
 
-    scores: Tensor
-    probs: Tensor
-    logits: Tensor
-    topk: Tensor
+    raw_logits: Tensor | list[Tensor]
+    top_k: int
+    gates: Tensor | None = None
+    selected: Tensor | None = None
+    soft: Tensor | None = None
+
+    @cached_property
+    def logits(self) -> Tensor:
+        if isinstance(self.raw_logits, Tensor):
+            return self.raw_logits
+        return torch.stack(self.raw_logits, dim=1)
+
+    @cached_property
+    def probs(self) -> Tensor:
+        return self.soft if self.soft is not None else self.logits.softmax(dim=-1)
+
+    @cached_property
+    def scores(self) -> Tensor:
+        if self.soft is not None:
+            return self.soft
+        return torch.zeros_like(self.logits).scatter(-1, self.selected, self.gates)
+
+    @cached_property
+    def topk(self) -> Tensor:
+        if self.selected is not None:
+            return self.selected
+        return self.logits.detach().topk(self.top_k, dim=-1).indices
 
     @property
     def num_experts(self) -> int:
-        return self.scores.shape[-1]
+        first = self.raw_logits if isinstance(self.raw_logits, Tensor) else self.raw_logits[0]
+        return first.shape[-1]
 
 
 def query_scale(x: Tensor, normalize: bool, d: int) -> Tensor:
@@ -71,63 +107,88 @@ def query_scale(x: Tensor, normalize: bool, d: int) -> Tensor:
     return (scale / rms).to(x.dtype)
 
 
-def route_level(logits: Tensor, top_k: int, temperature: float, sparse: bool):
-    """One level of routing.
+def select(logits: Tensor, top_k: int, sparse: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """One level's decision from temperature-scaled logits (B, K).
 
-    logits: (B, K) raw logits q k^T / sqrt(d). Returns (scores, probs, scaled_logits, topk), the
-    first three (B, K) and topk (B, k). Sparse scores are softmax(topk_mask(logits) / T): the
-    softmax over the k selected logits scattered into zeros, so exactly k entries are non-zero.
+    Returns (s, gates, selected): s (B, K) the combination weights; sparse: s =
+    softmax(topk_mask(logits)), gates (B, k) its non-zero values at `selected` (B, k), exactly k
+    per row; dense: s = softmax(logits), gates and selected None.
     """
-    scaled = logits / temperature
-    probs = scaled.softmax(dim=-1)
-    top_val, top_idx = scaled.topk(top_k, dim=-1)
+    if not sparse:
+        return logits.softmax(dim=-1), None, None
+    top_val, selected = logits.topk(top_k, dim=-1)
+    gates = top_val.softmax(dim=-1)
+    return torch.zeros_like(logits).scatter(-1, selected, gates), gates, selected
+
+
+def collect(level_logits: list[Tensor], decisions: list[tuple], top_k: int, sparse: bool) -> Routing:
+    """Stack per-level `select` results into one Routing (levels on dim 1)."""
     if sparse:
-        scores = torch.zeros_like(scaled).scatter(-1, top_idx, top_val.softmax(dim=-1))
-    else:
-        scores = probs
-    return scores, probs, scaled, top_idx
+        gates = torch.stack([d[1] for d in decisions], dim=1)
+        selected = torch.stack([d[2] for d in decisions], dim=1)
+        return Routing(level_logits, top_k, gates=gates, selected=selected)
+    return Routing(level_logits, top_k, soft=torch.stack([d[0] for d in decisions], dim=1))
 
 
-def stack_levels(levels: list[tuple[Tensor, Tensor, Tensor, Tensor]]) -> Routing:
-    """Stack per-level route_level outputs into one Routing with a level axis at dim 1."""
-    scores, probs, logits, topk = (torch.stack(parts, dim=1) for parts in zip(*levels))
-    return Routing(scores=scores, probs=probs, logits=logits, topk=topk)
+def route_level(logits: Tensor, top_k: int, temperature: float, sparse: bool) -> Routing:
+    """A single level of routing.  logits: (B, K) raw q k^T / sqrt(d) -> Routing with L = 1."""
+    scaled = logits / temperature
+    if fused.usable(scaled):
+        return _fused_route(scaled.unsqueeze(1), None, top_k, sparse)
+    return collect([scaled], [select(scaled, top_k, sparse)], top_k, sparse)
 
 
-def hierarchical_route(
-    base_logits: Tensor,
-    gram: Tensor | None,
-    top_k: int,
-    temperature: float,
-    sparse: bool,
-) -> Routing:
+def _fused_route(base_logits: Tensor, gram: Tensor | None, top_k: int, sparse: bool) -> Routing:
+    gram = gram if gram is not None else base_logits.new_empty(0)
+    logits, soft, gates, selected = fused.FusedRoute.apply(base_logits, gram, top_k, sparse)
+    if sparse:
+        return Routing(logits, top_k, gates=gates, selected=selected)
+    return Routing(logits, top_k, soft=soft)
+
+
+def hierarchical_route(base_logits: Tensor, gram: Tensor | None, top_k: int,
+                       sparse: bool) -> Routing:
     """Score-chained routing over L levels.
 
-    base_logits: (B, L, K) = q_1 k_l^T / sqrt(d_in) for every level l.
-    gram:        (L*K, L*K) = k k^T / sqrt(d_in) over all levels' keys (None when L = 1).
+    base_logits: (B, L, K) = q_1 k_l^T / (sqrt(d_in) T) for every level l.
+    gram:        (L*K, L*K) = k k^T / (sqrt(d_in) T) over all levels' keys (None when L = 1).
     Level l's logits are base_logits[:, l] + sum_{m<l} s_m gram[m-block, l-block], which equals
-    q_l k_l^T / sqrt(d_in) with q_{l+1} = q_l + s_l k_l.
+    q_l k_l^T / (sqrt(d_in) T) with q_{l+1} = q_l + s_l k_l. The temperature is folded into both
+    inputs by the caller, so the loop does only the irreducibly sequential work: top-k, a k-wide
+    softmax, and one (B, K) x (K, rest) product per level, on per-level (B, K) tensors.
     """
+    if fused.usable(base_logits):
+        return _fused_route(base_logits, gram, top_k, sparse)
+    return hierarchical_route_eager(base_logits, gram, top_k, sparse)
+
+
+def hierarchical_route_eager(base_logits: Tensor, gram: Tensor | None, top_k: int,
+                             sparse: bool) -> Routing:
+    """`hierarchical_route` in plain PyTorch ops (any device and dtype)."""
     B, L, K = base_logits.shape
-    levels = []
-    pending = base_logits  # (B, L - l, K): logits of levels l.. given the scores chosen so far
+    pending = list(base_logits.unbind(dim=1))  # level l's logits so far, (B, K) each
+    decisions = []
     for level in range(L):
-        route = route_level(pending[:, 0], top_k, temperature, sparse)
-        levels.append(route)
+        decision = select(pending[level], top_k, sparse)
+        decisions.append(decision)
         if level + 1 < L:
             block = gram[level * K : (level + 1) * K, (level + 1) * K :]  # (K, (L-l-1)*K)
-            pending = pending[:, 1:] + (route[0] @ block).view(B, L - level - 1, K)
-    return stack_levels(levels)
+            later = (decision[0] @ block).view(B, L - level - 1, K).unbind(dim=1)
+            for j, contribution in enumerate(later, start=level + 1):
+                pending[j] = pending[j] + contribution
+    return collect(pending, decisions, top_k, sparse)
 
 
 def hierarchical_route_reference(
     q1: Tensor, keys: Tensor, top_k: int, temperature: float, sparse: bool
 ) -> Routing:
     """The literal recurrence q_{l+1} = q_l + s_l k_l, for tests.  q1: (B, d), keys: (L, K, d)."""
-    scale = 1.0 / math.sqrt(keys.shape[-1])
-    q, levels = q1, []
+    scale = 1.0 / (math.sqrt(keys.shape[-1]) * temperature)
+    q, logits, decisions = q1, [], []
     for k_l in keys:
-        route = route_level(q @ k_l.T * scale, top_k, temperature, sparse)
-        levels.append(route)
-        q = q + route[0] @ k_l
-    return stack_levels(levels)
+        logit = q @ k_l.T * scale
+        decision = select(logit, top_k, sparse)
+        logits.append(logit)
+        decisions.append(decision)
+        q = q + decision[0] @ k_l
+    return collect(logits, decisions, top_k, sparse)

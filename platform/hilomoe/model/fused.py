@@ -1,0 +1,89 @@
+"""The fused CPU routing kernel (routing_kernel.cpp), compiled on first use and cached.
+
+The routing recurrence is L dependent steps on (B, K) tensors. Eager PyTorch runs each step as a
+dozen tiny kernels plus their autograd nodes (about 1 ms per level at B = 4096 on two cores);
+the fused kernel runs the whole recurrence, forward and backward, in one pass over the batch.
+It serves float32 CPU tensors; everything else (CUDA, where the per-level kernels are cheap,
+other dtypes) and any machine where the build fails takes the eager path of routing.py, with
+identical results (tests compare them). Set HILOMOE_FUSED_ROUTING=0 to force the eager path.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+_kernel = None
+_failed = False
+_forced_eager = 0
+
+
+@contextmanager
+def eager():
+    """Run routing through plain PyTorch ops inside this block (e.g. to count FLOPs op by op)."""
+    global _forced_eager
+    _forced_eager += 1
+    try:
+        yield
+    finally:
+        _forced_eager -= 1
+
+
+def kernel():
+    """The compiled module, or None where it is disabled or cannot be built here."""
+    global _kernel, _failed
+    if _kernel is not None or _failed or os.environ.get("HILOMOE_FUSED_ROUTING", "1") == "0":
+        return _kernel
+    try:
+        from torch.utils.cpp_extension import load
+
+        _kernel = load(
+            name="hilomoe_routing",
+            sources=[str(Path(__file__).with_name("routing_kernel.cpp"))],
+            extra_cflags=["-O3", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+            verbose=False,
+        )
+    except Exception as err:  # no compiler, no ninja, ...: the eager path still works
+        _failed = True
+        warnings.warn(f"hilomoe: fused routing kernel unavailable ({type(err).__name__}: "
+                      f"{str(err).splitlines()[0] if str(err) else ''}); using eager routing",
+                      stacklevel=2)
+        print("hilomoe: fused routing kernel unavailable; using eager routing", file=sys.stderr)
+    return _kernel
+
+
+def usable(base: Tensor) -> bool:
+    return (not _forced_eager and base.device.type == "cpu" and base.dtype == torch.float32
+            and not torch.jit.is_scripting() and kernel() is not None)
+
+
+class FusedRoute(torch.autograd.Function):
+    """(base (B, L, K), gram (LK, LK) or empty) -> logits, soft, gates, selected."""
+
+    @staticmethod
+    def forward(ctx, base: Tensor, gram: Tensor, top_k: int, sparse: bool):
+        logits, soft, gates, selected = kernel().route_forward(base, gram, top_k, sparse)
+        ctx.save_for_backward(logits, soft, gates, selected, gram)
+        ctx.sparse = sparse
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(selected)
+        return logits, soft, gates, selected
+
+    @staticmethod
+    def backward(ctx, g_logits, g_soft, g_gates, _g_selected):
+        logits, soft, gates, selected, gram = ctx.saved_tensors
+        empty = logits.new_empty(0)
+        grad_base, grad_gram = kernel().route_backward(
+            empty if g_logits is None else g_logits,
+            empty if g_soft is None else g_soft,
+            empty if g_gates is None else g_gates,
+            logits, soft, gates, selected, gram, ctx.sparse,
+        )
+        return grad_base, (grad_gram if gram.numel() else None), None, None
