@@ -119,7 +119,6 @@ def cmd_train(args: argparse.Namespace) -> int:
                   f"{r.samples_per_s:,.0f} samples/s", highlight=False)
 
     result = train_local(cfg, on_epoch=on_epoch)
-    result.pop("engine")
     if args.json:
         _emit_json(result)
         return 0
@@ -176,10 +175,22 @@ def cmd_bench_layer(args: argparse.Namespace) -> int:
 # parser
 
 
+def _command(group, name: str, func: Callable, help: str, description: str, example: str,
+             config: bool = True) -> argparse.ArgumentParser:
+    """A subcommand with its description, an example, and the flags every command shares."""
+    p = group.add_parser(name, help=help, description=description,
+                         epilog=f"example:\n  {example}",
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    if config:
+        p.add_argument("config", help="training configuration (YAML)")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.set_defaults(func=func)
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
-    fmt = argparse.RawDescriptionHelpFormatter
     p = argparse.ArgumentParser(
-        prog="hilomoe", formatter_class=fmt,
+        prog="hilomoe", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train and study HiLoMoE (Hierarchical LoRA MoE) CTR models.",
         epilog="example:\n  hilomoe model summary studies/train_example.yaml\n"
                "  hilomoe train studies/train_example.yaml --local",
@@ -189,41 +200,35 @@ def build_parser() -> argparse.ArgumentParser:
 
     model = sub.add_parser("model", help="inspect a model configuration")
     model_sub = model.add_subparsers(dest="model_command", metavar="COMMAND", required=True)
-    s = model_sub.add_parser(
-        "summary", formatter_class=fmt,
+    s = _command(
+        model_sub, "summary", cmd_model_summary,
         help="parameters and per-sample FLOPs (analytic and measured)",
         description="Parameters (total, active per sample, embedding) and per-sample forward "
                     "FLOPs of the configured model, analytic and measured by torch's "
                     "FlopCounterMode.",
-        epilog="example:\n  hilomoe model summary studies/train_example.yaml --json",
+        example="hilomoe model summary studies/train_example.yaml --json",
     )
-    s.add_argument("config", help="training configuration (YAML)")
     s.add_argument("--routing", choices=["sparse", "dense", "off"], default="sparse",
                    help="routing mode to count (default: sparse, the deployed model)")
     s.add_argument("--batch", type=int, default=None, help="batch size (default: eval_batch_size)")
-    s.add_argument("--json", action="store_true", help="print one JSON object")
-    s.set_defaults(func=cmd_model_summary)
 
-    t = sub.add_parser(
-        "train", formatter_class=fmt, help="train through the three stages",
+    t = _command(
+        sub, "train", cmd_train, help="train through the three stages",
         description="Train base -> experts -> joint, printing each stage's validation AUC and "
                     "logloss, then the test metrics of the final model.",
-        epilog="example:\n  hilomoe train studies/train_example.yaml --local --json",
+        example="hilomoe train studies/train_example.yaml --local --json",
     )
-    t.add_argument("config", help="training configuration (YAML)")
     t.add_argument("--local", action="store_true", help="train in this process, without Ray")
-    t.add_argument("--json", action="store_true", help="print one JSON object")
-    t.set_defaults(func=cmd_train)
 
     bench = sub.add_parser("bench", help="speed benchmarks")
     bench_sub = bench.add_subparsers(dest="bench_command", metavar="COMMAND", required=True)
-    b = bench_sub.add_parser(
-        "layer", formatter_class=fmt,
+    b = _command(
+        bench_sub, "layer", cmd_bench_layer, config=False,
         help="forward+backward latency of one HiLoMoE projection vs its rivals",
         description="Median forward+backward time of one projection: HiLoMoE at several depths "
                     "against sequential stacking, a flat MoE, dense projections (plain and of "
                     "equal FLOPs) and a full-rank MoE, side by side in one process.",
-        epilog="example:\n  hilomoe bench layer --json",
+        example="hilomoe bench layer --json",
     )
     b.add_argument("--batch", type=int, default=4096)
     b.add_argument("--dim", type=int, default=256)
@@ -233,8 +238,6 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=int, default=10)
     b.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="auto: the CPU, and the GPU too when one is present")
-    b.add_argument("--json", action="store_true", help="print one JSON object")
-    b.set_defaults(func=cmd_bench_layer)
     return p
 
 

@@ -43,17 +43,19 @@ class TensorBatches:
     def __len__(self) -> int:
         return self.label.shape[0]
 
-    def epoch(self, epoch: int = 0) -> Iterator[Batch]:
+    def epoch(self, epoch: int = 0, batch_size: int | None = None) -> Iterator[Batch]:
+        """One pass; `batch_size` overrides the source's own (each stage has its own)."""
+        size = batch_size or self.batch_size
         n = len(self)
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             order = torch.randperm(n, generator=g)
-        for lo in range(0, n, self.batch_size):
+        for lo in range(0, n, size):
             if self.shuffle:
-                idx = order[lo : lo + self.batch_size]
+                idx = order[lo : lo + size]
                 yield Batch(self.cat[idx], self.num[idx], self.label[idx])
             else:
-                hi = lo + self.batch_size
+                hi = lo + size
                 yield Batch(self.cat[lo:hi], self.num[lo:hi], self.label[lo:hi])
 
     def __iter__(self) -> Iterator[Batch]:

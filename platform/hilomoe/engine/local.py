@@ -41,9 +41,7 @@ def train_local(cfg: TrainConfig, on_epoch: Callable[[EpochRecord], None] | None
     model = build_model(cfg, problem)
     engine = Engine(model, cfg.stages)
     src = sources(problem, cfg)
-    # each stage batches with its own batch size
-    train = _StageBatches(src["train"], engine, cfg)
-    result = run_stages(engine, train, src["valid"], src["test"], on_epoch)
+    result = run_stages(engine, src["train"], src["valid"], src["test"], on_epoch)
     cost = model_cost(problem.schema, cfg.model, batch=cfg.eval_batch_size)
     return {
         "stages": {k: v.summary() for k, v in result["stages"].items()},
@@ -54,16 +52,5 @@ def train_local(cfg: TrainConfig, on_epoch: Callable[[EpochRecord], None] | None
         "cost": cost.as_dict(),
         "history": [r.as_dict() for s in result["stages"].values() for r in s.history],
         "seconds": time.perf_counter() - t0,
-        "engine": engine,
     }
 
-
-class _StageBatches:
-    """The train source, re-batched with the batch size of the stage the engine is in."""
-
-    def __init__(self, source: TensorBatches, engine: Engine, cfg: TrainConfig):
-        self.source, self.engine, self.cfg = source, engine, cfg
-
-    def epoch(self, epoch: int):
-        self.source.batch_size = self.engine.setup.config.batch_size
-        return self.source.epoch(epoch)

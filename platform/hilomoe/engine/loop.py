@@ -31,7 +31,9 @@ from hilomoe.model.ctr import CTRModel
 
 
 class BatchSource(Protocol):
-    def epoch(self, epoch: int) -> Iterable[Batch]: ...
+    """Anything that yields an epoch of batches (in memory, Parquet, a Ray Data shard)."""
+
+    def epoch(self, epoch: int, batch_size: int | None = None) -> Iterable[Batch]: ...
 
 
 @dataclass
@@ -149,8 +151,9 @@ class Engine:
         batch = batch.to(self.device)
         self.module.train()
         logit, routings = self.module(batch.cat, batch.num)
-        keys = [layer.keys() for layer in self.model.moe_layers()] if routings else []
-        loss, parts = objective(logit, batch.label, routings, keys, self.setup.config.aux)
+        aux = self.setup.config.aux
+        keys = [layer.keys() for layer in self.model.moe_layers()] if routings and aux.diversity else []
+        loss, parts = objective(logit, batch.label, routings, keys, aux)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.setup.config.grad_clip:
@@ -193,7 +196,7 @@ class Engine:
         self.start_stage(name)
         for epoch in range(self.setup.config.epochs):
             t0 = time.perf_counter()
-            losses, n = self.train_epoch(train.epoch(epoch))
+            losses, n = self.train_epoch(train.epoch(epoch, self.setup.config.batch_size))
             seconds = time.perf_counter() - t0
             metrics = self.evaluate(valid.epoch(0))
             improved = self.end_epoch(metrics["auc"], epoch)
