@@ -103,8 +103,9 @@ def query_scale(x: Tensor, normalize: bool, d: int) -> Tensor:
     if not normalize:
         return x.new_full((x.shape[0], 1), scale)
     # a per-sample constant for autograd: routing should not push on the scale of x
-    rms = x.detach().float().pow(2).mean(-1, keepdim=True).add(1e-12).sqrt()
-    return (scale / rms).to(x.dtype)
+    acc = torch.promote_types(x.dtype, torch.float32)  # norms of bf16 inputs in float32
+    norm = torch.linalg.vector_norm(x.detach(), dim=-1, keepdim=True, dtype=acc)
+    return (scale * math.sqrt(x.shape[-1]) / norm.clamp_min(1e-12)).to(x.dtype)
 
 
 def select(logits: Tensor, top_k: int, sparse: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:

@@ -62,9 +62,11 @@ std::vector<torch::Tensor> route_forward(torch::Tensor base, torch::Tensor gram,
             for (int64_t j = 0; j < K; ++j)
               if (!taken[j] && (best < 0 || row[j] > row[best])) best = j;
             taken[best] = 1;
-            sel[t] = best;
-            top[t] = row[best];
           }
+          // emit the chosen experts in ascending index order: downstream products can then
+          // treat them as a CSR pattern (experts.py)
+          for (int64_t j = 0, t = 0; j < K; ++j)
+            if (taken[j]) { sel[t] = j; top[t] = row[j]; ++t; }
           softmax_into(top.data(), k, g);
           if (l + 1 < L) {
             for (int64_t t = 0; t < k; ++t) {
