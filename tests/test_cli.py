@@ -89,3 +89,22 @@ def test_help_has_examples():
     for args in (["--help"], ["model", "summary", "--help"], ["train", "--help"],
                  ["bench", "layer", "--help"]):
         assert "example" in hilomoe(*args).stdout
+
+
+def test_data_synth_json_then_train_on_it(tmp_path):
+    out = tmp_path / "synth"
+    res = one_json(hilomoe("data", "synth", "--rows", "5000", "--out", str(out), "--seed", "3",
+                           "--json").stdout)
+    assert res["rows_skipped"] == 0 and res["source_format"] == "synth"
+    assert sum(s["rows"] for s in res["splits"].values()) == 5000
+    assert (out / "dataset.json").is_file()
+    again = hilomoe("data", "synth", "--rows", "5000", "--out", str(out), check=False)
+    assert again.returncode == 2 and "already exists" in again.stderr
+
+
+def test_bench_data_json_keys():
+    res = one_json(hilomoe("bench", "data", "--rows", "20000", "--batch", "1024", "--json").stdout)
+    paths = {r["path"] for r in res["rows"]}
+    assert paths == {"synth_write", "pyarrow_reader"}
+    for r in res["rows"]:
+        assert r["rows_per_s"] > 0 and r["rows"] > 0

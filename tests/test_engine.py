@@ -10,7 +10,7 @@ import torch
 from conftest import VARIANTS
 from hilomoe.config import PlantedData, StageName, TrainConfig
 from hilomoe.data.planted import generate_planted
-from hilomoe.engine.local import build_model, sources, train_local
+from hilomoe.engine.local import Data, build_model, memory_sources, train_local
 from hilomoe.engine.loop import EarlyStopping, Engine
 from hilomoe.model.routing import RoutingMode
 
@@ -41,7 +41,7 @@ def problem():
 
 
 def make_engine(cfg, problem):
-    return Engine(build_model(cfg, problem), cfg.stages), sources(problem, cfg)
+    return Engine(build_model(cfg, problem.schema), cfg.stages), memory_sources(problem, cfg)
 
 
 def snapshot(params):
@@ -103,7 +103,7 @@ def test_dense_variant_trains_in_the_base_stage_only(problem):
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_every_variant_trains_through_its_stages(problem, variant):
     cfg = small_config(**{"model.moe.variant": variant.value})
-    result = train_local(cfg, problem=problem)
+    result = train_local(cfg, data=Data(problem.schema, memory_sources(problem, cfg)))
     expected = ["base"] if variant.value == "dense" else ["base", "experts", "joint"]
     assert list(result["stages"]) == expected
     for stage in result["stages"].values():

@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from hilomoe.config import load_config
-from hilomoe.data.planted import generate_planted
-from hilomoe.engine.local import train_local
+from hilomoe.engine.local import load_data, train_local
 
 SEEDS = (0, 1, 2)
 
@@ -21,11 +20,11 @@ def test_stage_three_beats_stage_one_by_more_than_the_seed_spread():
     initialisation and the batch order."""
     torch.set_num_threads(1)  # bit-reproducible runs
     base_cfg = load_config("studies/train_example.yaml")
-    problem = generate_planted(base_cfg.data.synth)
+    data = load_data(base_cfg)  # the same rows for every seed
     base, joint = [], []
     for seed in SEEDS:
         cfg = base_cfg.model_copy(update={"seed": seed})
-        stages = train_local(cfg, problem=problem)["stages"]
+        stages = train_local(cfg, data=data)["stages"]
         base.append(stages["base"]["auc"])
         joint.append(stages["joint"]["auc"])
     base, joint = np.array(base), np.array(joint)

@@ -105,6 +105,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from hilomoe.engine.local import train_local
 
     cfg = load_config(args.config)
+    if args.data:
+        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"path": args.data})})
     if not args.local:
         raise HilomoeError(
             "distributed training on Ray is not available in this version; "
@@ -124,10 +126,35 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     rows = [[name, s["epochs"], s["auc"], s["logloss"]] for name, s in result["stages"].items()]
     rows.append(["test", "", result["test"]["auc"], result["test"]["logloss"]])
-    rows.append(["bayes (test)", "", result["bayes"]["test"]["auc"],
-                 result["bayes"]["test"]["logloss"]])
+    if result["bayes"]:
+        rows.append(["bayes (test)", "", result["bayes"]["test"]["auc"],
+                     result["bayes"]["test"]["logloss"]])
     out.print(_table(f"{args.config}: best validation per stage, then test",
                      ["stage", "epochs", "auc", "logloss"], rows))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# data
+
+
+def cmd_data_synth(args: argparse.Namespace) -> int:
+    from hilomoe.config import PlantedData, load_config, parse_config
+    from hilomoe.data.synth import write_synth
+
+    spec = load_config(args.config).data.synth if args.config else PlantedData()
+    overrides = {"rows": args.rows, **({"seed": args.seed} if args.seed is not None else {})}
+    spec = parse_config({**spec.model_dump(), **overrides}, "data synth", PlantedData)
+    log.print(f"writing {args.rows:,} planted rows to {args.out} ...")
+    result = write_synth(spec, args.out, overwrite=args.overwrite)
+    result["rows_skipped"] = 0
+    if args.json:
+        _emit_json(result)
+        return 0
+    rows = [[s, info["rows"], len(info["files"]), result["extra"]["bayes"][s]["auc"]]
+            for s, info in result["splits"].items()]
+    out.print(_table(f"{args.out}: {result['rows_per_s']:,.0f} rows/s",
+                     ["split", "rows", "files", "bayes auc"], rows))
     return 0
 
 
@@ -168,6 +195,19 @@ def cmd_bench_layer(args: argparse.Namespace) -> int:
                   f"(goal >= 85%); vs plain dense: {g['hilomoe_rate_Lmax_over_dense']:.0%} (goal >= 60%); "
                   f"latency L={g['levels_max']}/L=1: hilomoe {g['hilomoe_ms_Lmax_over_L1']:.2f}x, "
                   f"sequential {g['sequential_ms_Lmax_over_L1']:.2f}x")
+    return 0
+
+
+def cmd_bench_data(args: argparse.Namespace) -> int:
+    from hilomoe.bench import data
+
+    log.print(f"benchmarking the data paths on {args.rows:,} rows ...")
+    rows = data.run(rows=args.rows, batch=args.batch)
+    if args.json:
+        _emit_json(data.as_json(rows))
+        return 0
+    out.print(_table("data paths", ["path", "detail", "rows", "seconds", "rows/s"],
+                     [[r.path, r.detail, r.rows, r.seconds, r.rows_per_s] for r in rows]))
     return 0
 
 
@@ -219,6 +259,25 @@ def build_parser() -> argparse.ArgumentParser:
         example="hilomoe train studies/train_example.yaml --local --json",
     )
     t.add_argument("--local", action="store_true", help="train in this process, without Ray")
+    t.add_argument("--data", metavar="DIR", help="a canonical dataset directory (overrides "
+                   "the configuration's data section)")
+
+    data = sub.add_parser("data", help="create and convert datasets")
+    data_sub = data.add_subparsers(dest="data_command", metavar="COMMAND", required=True)
+    d = _command(
+        data_sub, "synth", cmd_data_synth, config=False,
+        help="write the planted synthetic problem as a canonical dataset",
+        description="Stream planted rows (Zipf ids, a tree of latent segments, known click "
+                    "probabilities) into DIR as Parquet shards plus dataset.json, which records "
+                    "each split's Bayes-optimal AUC and logloss.",
+        example="hilomoe data synth --rows 1000000 --out data/synth --seed 0",
+    )
+    d.add_argument("--rows", type=int, required=True, help="rows to generate (all splits)")
+    d.add_argument("--out", required=True, metavar="DIR", help="dataset directory to create")
+    d.add_argument("--seed", type=int, default=None, help="generator seed")
+    d.add_argument("--config", default=None,
+                   help="take the generator settings from this training configuration's data.synth")
+    d.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
 
     bench = sub.add_parser("bench", help="speed benchmarks")
     bench_sub = bench.add_subparsers(dest="bench_command", metavar="COMMAND", required=True)
@@ -238,11 +297,20 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=int, default=10)
     b.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="auto: the CPU, and the GPU too when one is present")
+    bd = _command(
+        bench_sub, "data", cmd_bench_data, config=False,
+        help="rows/s of the synthetic writer and the Parquet reader",
+        description="Write a planted dataset to a temporary directory, then read its train "
+                    "split into training-ready tensors, in order and shuffled; rows/s of each.",
+        example="hilomoe bench data --rows 2000000 --json",
+    )
+    bd.add_argument("--rows", type=int, default=2_000_000)
+    bd.add_argument("--batch", type=int, default=8192)
     return p
 
 
 def _check_positive(args: argparse.Namespace) -> None:
-    for key in ("batch", "dim", "experts", "top_k", "repeats"):
+    for key in ("batch", "dim", "experts", "top_k", "repeats", "rows"):
         value = getattr(args, key, None)
         if value is not None and value < 1:
             raise HilomoeError(f"--{key.replace('_', '-')}: must be a positive integer, got {value}")

@@ -48,6 +48,10 @@ class PlantedData(Strict):
 
 
 class DataConfig(Strict):
+    """Where rows come from: a canonical dataset directory (`path`, see data/dataset.py), or,
+    without one, the planted problem described by `synth`, generated in memory."""
+
+    path: str | None = None
     synth: PlantedData = PlantedData()
 
 

@@ -47,45 +47,95 @@ class PlantedProblem:
         return {"auc": auc(s.label, s.prob), "logloss": logloss(s.label, s.prob)}
 
 
-def _zipf_ids(rng: np.random.Generator, n: int, vocab: int, exponent: float) -> np.ndarray:
-    p = 1.0 / np.arange(1, vocab + 1) ** exponent
-    ranks = rng.choice(vocab, size=n, p=p / p.sum())
-    return rng.permutation(vocab)[ranks]  # frequent ids are not simply the small ones
+class PlantedModel:
+    """The latent model of a planted problem: parameters drawn once from the seed, then rows
+    sampled in chunks of any size (the streaming generator draws 100M rows this way)."""
+
+    def __init__(self, spec: PlantedData):
+        self.spec = spec
+        rng = np.random.default_rng(spec.seed)
+        F, V, m, b = spec.categorical_fields, spec.vocab_size, spec.latent_dim, spec.branching
+        self.depth = min(spec.depth, F)
+        p = 1.0 / np.arange(1, V + 1) ** spec.zipf_exponent
+        cdf = np.cumsum(p / p.sum())
+        # inverse CDF tabulated on 2^16 quantiles: a draw is one integer and one lookup
+        # (each id's probability is exact to within 2^-16)
+        quantiles = (np.arange(1 << 16) + 0.5) / (1 << 16)
+        self.rank_of_quantile = np.minimum(np.searchsorted(cdf, quantiles, side="right"), V - 1)
+        self.id_of_rank = np.stack([rng.permutation(V) for _ in range(F)])  # (F, V)
+        self.beta = rng.normal(0.0, 0.3, size=(F, V))
+        self.latent = rng.normal(0.0, 1.0, size=(F, V, m))
+        self.child_of_id = rng.integers(0, b, size=(self.depth, V))  # g_d: id of field d -> child
+        self.W = [rng.normal(0.0, spec.segment_strength, size=(b ** (d + 1), F, m))
+                  for d in range(self.depth)]
+        self.a = [rng.normal(0.0, 0.5, size=(b ** (d + 1), spec.numeric_fields))
+                  for d in range(self.depth)]
+        # A row's logit depends on its leaf of the tree and its ids only, so when small enough
+        # everything is tabulated per leaf: beta_f[id] + sum over the leaf's ancestors of
+        # <W[node, f], u_f[id]> in one (F, leaves, V) table, and the numeric slopes summed
+        # along the path in (leaves, F_n). A row then costs one gather per field.
+        self.leaf_table = self.leaf_slopes = None
+        leaves = b ** self.depth
+        if leaves * F * V <= 1 << 24:
+            path = np.arange(leaves)
+            self.leaf_table = np.broadcast_to(self.beta[:, None, :], (F, leaves, V)).copy()
+            self.leaf_slopes = np.zeros((leaves, spec.numeric_fields))
+            for d in range(self.depth):
+                ancestor = path // b ** (self.depth - 1 - d)  # the leaf's node at depth d
+                per_node = np.einsum("nfm,fvm->fnv", self.W[d], self.latent) / np.sqrt(F * m)
+                self.leaf_table += per_node[:, ancestor, :]
+                self.leaf_slopes += self.a[d][ancestor]
+        # centre the logits so that about a quarter of the rows click
+        probe = self.logits(*self._features(np.random.default_rng(spec.seed + 1), 20_000))
+        self.offset = -1.0 - float(np.median(probe))
+
+    def _features(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+        F, V = self.spec.categorical_fields, self.spec.vocab_size
+        ranks = self.rank_of_quantile[rng.integers(0, 1 << 16, (n, F), dtype=np.int32)]
+        # Zipf ids, the frequent ones not simply the small ones
+        cat = self.id_of_rank.ravel()[ranks + np.arange(F) * V]
+        num = rng.standard_normal((n, self.spec.numeric_fields)).astype(np.float32)
+        return cat, num
+
+    def logits(self, cat: np.ndarray, num: np.ndarray, tabulated: bool = True) -> np.ndarray:
+        """The true click logit of each row (without the centring offset).  cat: (n, F)."""
+        F, m, b = self.spec.categorical_fields, self.spec.latent_dim, self.spec.branching
+        node = np.zeros(len(cat), dtype=np.int64)
+        nodes = []
+        for d in range(self.depth):
+            node = node * b + self.child_of_id[d, cat[:, d]]  # among the b**(d+1) depth-d nodes
+            nodes.append(node)
+        fields = np.arange(F)
+        if tabulated and self.leaf_table is not None:
+            leaf = nodes[-1]
+            flat = (fields * self.leaf_table.shape[1] + leaf[:, None]) * self.leaf_table.shape[2]
+            logit = self.leaf_table.ravel()[flat + cat].sum(axis=1)
+            return logit + np.einsum("nj,nj->n", self.leaf_slopes[leaf], num)
+        ux = self.latent[fields, cat]  # (n, F, m)
+        logit = self.beta[fields, cat].sum(axis=1)
+        for d, node in enumerate(nodes):
+            logit += np.einsum("nfm,nfm->n", self.W[d][node], ux) / np.sqrt(F * m)
+            logit += np.einsum("nj,nj->n", self.a[d][node], num)
+        return logit
+
+    def sample(self, rng: np.random.Generator, n: int) -> Split:
+        """n rows with their true click probabilities and Bernoulli labels."""
+        cat, num = self._features(rng, n)
+        prob = 1.0 / (1.0 + np.exp(-(self.logits(cat, num) + self.offset)))
+        label = (rng.random(n) < prob).astype(np.float32)
+        return Split(cat.astype(np.int64), num, label, prob)
 
 
 def generate_planted(spec: PlantedData) -> PlantedProblem:
-    rng = np.random.default_rng(spec.seed)
-    n, F, V, m, D, b = (spec.rows, spec.categorical_fields, spec.vocab_size, spec.latent_dim,
-                        min(spec.depth, spec.categorical_fields), spec.branching)
-    cat = np.stack([_zipf_ids(rng, n, V, spec.zipf_exponent) for _ in range(F)], axis=1)
-    num = rng.standard_normal((n, spec.numeric_fields)).astype(np.float32)
-
-    beta = rng.normal(0.0, 0.3, size=(F, V))
-    latent = rng.normal(0.0, 1.0, size=(F, V, m))
-    child_of_id = rng.integers(0, b, size=(D, V))  # g_d: id of field d -> child index
-
-    ux = latent[np.arange(F), cat]  # (n, F, m)
-    logit = beta[np.arange(F), cat].sum(axis=1)
-    node = np.zeros(n, dtype=np.int64)
-    for d in range(D):
-        node = node * b + child_of_id[d, cat[:, d]]  # index among the b**(d+1) nodes of depth d+1
-        W = rng.normal(0.0, spec.segment_strength, size=(b ** (d + 1), F, m))
-        a = rng.normal(0.0, 0.5, size=(b ** (d + 1), spec.numeric_fields))
-        logit += np.einsum("nfm,nfm->n", W[node], ux) / np.sqrt(F * m)
-        logit += np.einsum("nj,nj->n", a[node], num)
-    logit += -1.0 - np.median(logit)  # about a quarter of the rows click
-    prob = 1.0 / (1.0 + np.exp(-logit))
-    label = (rng.random(n) < prob).astype(np.float32)
-
-    order = rng.permutation(n)
+    """The whole planted problem in memory, split at random by the spec's fractions."""
+    rows = PlantedModel(spec).sample(np.random.default_rng([spec.seed, 2]), spec.rows)
+    n = spec.rows
     n_valid, n_test = int(n * spec.valid_fraction), int(n * spec.test_fraction)
-    bounds = {"valid": (0, n_valid), "test": (n_valid, n_valid + n_test),
-              "train": (n_valid + n_test, n)}
-    splits = {}
-    for name, (lo, hi) in bounds.items():
-        idx = order[lo:hi]
-        splits[name] = Split(cat[idx].astype(np.int64), num[idx], label[idx], prob[idx])
-    return PlantedProblem(planted_schema(spec), {k: splits[k] for k in ("train", "valid", "test")})
+    bounds = {"train": (n_valid + n_test, n), "valid": (0, n_valid),
+              "test": (n_valid, n_valid + n_test)}
+    splits = {name: Split(rows.cat[lo:hi], rows.num[lo:hi], rows.label[lo:hi], rows.prob[lo:hi])
+              for name, (lo, hi) in bounds.items()}  # rows are i.i.d.: contiguous slices suffice
+    return PlantedProblem(planted_schema(spec), splits)
 
 
 def planted_schema(spec: PlantedData) -> FeatureSchema:

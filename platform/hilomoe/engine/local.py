@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from hilomoe.config import TrainConfig
 from hilomoe.data.batches import TensorBatches
+from hilomoe.data.dataset import SPLITS, Dataset, open_dataset
 from hilomoe.data.planted import PlantedProblem, generate_planted
-from hilomoe.engine.loop import Engine, EpochRecord, run_stages
-from hilomoe.model.ctr import CTRModel
+from hilomoe.data.readers import ParquetBatches
+from hilomoe.engine.loop import BatchSource, Engine, EpochRecord, run_stages
+from hilomoe.model.ctr import CTRModel, FeatureSchema
 from hilomoe.model.flops import model_cost
 
 
-def sources(problem: PlantedProblem, cfg: TrainConfig) -> dict[str, TensorBatches]:
-    """Batch sources per split: train shuffled per epoch, valid and test in order."""
+def memory_sources(problem: PlantedProblem, cfg: TrainConfig) -> dict[str, TensorBatches]:
+    """Batch sources per split of an in-memory problem: train shuffled per epoch."""
     out = {}
     for name, split in problem.splits.items():
         train = name == "train"
@@ -28,29 +31,53 @@ def sources(problem: PlantedProblem, cfg: TrainConfig) -> dict[str, TensorBatche
     return out
 
 
-def build_model(cfg: TrainConfig, problem: PlantedProblem) -> CTRModel:
+def parquet_sources(dataset: Dataset, cfg: TrainConfig) -> dict[str, ParquetBatches]:
+    """Batch sources per split of a canonical dataset on disk, streamed with pyarrow."""
+    return {split: ParquetBatches(dataset, split,
+                                  cfg.stages.base.batch_size if split == "train" else cfg.eval_batch_size,
+                                  shuffle=split == "train", seed=cfg.seed)
+            for split in SPLITS}
+
+
+@dataclass
+class Data:
+    """The three splits' batch sources, the feature schema, and the known ceiling if any."""
+
+    schema: FeatureSchema
+    sources: dict[str, BatchSource]
+    bayes: dict[str, dict[str, float]] | None = None
+
+
+def load_data(cfg: TrainConfig) -> Data:
+    if cfg.data.path:
+        ds = open_dataset(cfg.data.path)
+        return Data(ds.schema, parquet_sources(ds, cfg), ds.meta.extra.get("bayes"))
+    problem = generate_planted(cfg.data.synth)
+    return Data(problem.schema, memory_sources(problem, cfg),
+                {s: problem.bayes(s) for s in ("valid", "test")})
+
+
+def build_model(cfg: TrainConfig, schema: FeatureSchema) -> CTRModel:
     torch.manual_seed(cfg.seed)
-    return CTRModel(problem.schema, cfg.model)
+    return CTRModel(schema, cfg.model)
 
 
 def train_local(cfg: TrainConfig, on_epoch: Callable[[EpochRecord], None] | None = None,
-                problem: PlantedProblem | None = None) -> dict:
+                data: Data | None = None) -> dict:
     """Train through every enabled stage in this process; return a JSON-ready summary."""
     t0 = time.perf_counter()
-    problem = problem or generate_planted(cfg.data.synth)
-    model = build_model(cfg, problem)
-    engine = Engine(model, cfg.stages)
-    src = sources(problem, cfg)
+    data = data or load_data(cfg)
+    engine = Engine(build_model(cfg, data.schema), cfg.stages)
+    src = data.sources
     result = run_stages(engine, src["train"], src["valid"], src["test"], on_epoch)
-    cost = model_cost(problem.schema, cfg.model, batch=cfg.eval_batch_size)
+    cost = model_cost(data.schema, cfg.model, batch=cfg.eval_batch_size)
     return {
         "stages": {k: v.summary() for k, v in result["stages"].items()},
         "test": {"auc": result["test"]["auc"], "logloss": result["test"]["logloss"],
                  "routing": {k: v for k, v in result["test"].items()
                              if k not in ("auc", "logloss")}},
-        "bayes": {"valid": problem.bayes("valid"), "test": problem.bayes("test")},
+        "bayes": data.bayes,
         "cost": cost.as_dict(),
         "history": [r.as_dict() for s in result["stages"].values() for r in s.history],
         "seconds": time.perf_counter() - t0,
     }
-

@@ -1,0 +1,178 @@
+"""Canonical datasets: the synthetic writer, the format's guarantees, and the pyarrow reader."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from hilomoe.config import PlantedData, TrainConfig
+from hilomoe.data.dataset import (
+    META_FILE, DatasetError, DatasetMeta, DatasetWriter, FieldInfo, open_dataset,
+)
+from hilomoe.data.readers import ParquetBatches
+from hilomoe.data.synth import BayesAccumulator, write_synth
+from hilomoe.engine.local import train_local
+from hilomoe.engine.metrics import auc, logloss
+
+SPEC = PlantedData(rows=20_000, categorical_fields=4, vocab_size=30, numeric_fields=2, seed=5)
+
+
+@pytest.fixture(scope="module")
+def synth_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("data") / "synth"
+    write_synth(SPEC, out, chunk_rows=3_000, rows_per_file=6_000)
+    return out
+
+
+def test_synth_writes_a_complete_dataset(synth_dir):
+    ds = open_dataset(synth_dir)
+    meta = ds.meta
+    assert meta.source_format == "synth" and meta.seed == 5
+    rows = {s: info.rows for s, info in meta.splits.items()}
+    assert sum(rows.values()) == SPEC.rows
+    assert rows["valid"] == pytest.approx(SPEC.rows * SPEC.valid_fraction, rel=0.1)
+    assert len(meta.splits["train"].files) >= 2  # sharded by rows_per_file
+    assert ds.schema.vocab_sizes == (30,) * 4 and ds.schema.numeric == 2
+    for split, b in meta.extra["bayes"].items():
+        assert 0.5 < b["auc"] < 1 and b["logloss"] > 0, split
+
+
+def test_synth_is_deterministic_and_seeded(tmp_path, synth_dir):
+    again = write_synth(SPEC, tmp_path / "again", chunk_rows=3_000, rows_per_file=6_000)
+    other = write_synth(SPEC.model_copy(update={"seed": 6}), tmp_path / "other", chunk_rows=3_000)
+    first = json.loads((synth_dir / META_FILE).read_text())
+    assert again["content_hash"] == first["content_hash"]
+    assert other["content_hash"] != first["content_hash"]
+
+
+def test_bayes_histogram_auc_matches_exact_auc():
+    rng = np.random.default_rng(0)
+    prob = rng.beta(0.5, 1.5, 200_000)
+    label = (rng.random(200_000) < prob).astype(np.float32)
+    acc = BayesAccumulator()
+    for lo in range(0, len(prob), 30_000):
+        acc.add(prob[lo : lo + 30_000], label[lo : lo + 30_000])
+    res = acc.result()
+    assert res["auc"] == pytest.approx(auc(label, prob), abs=1e-4)
+    assert res["logloss"] == pytest.approx(logloss(label, prob), rel=1e-9)
+
+
+def test_reader_returns_every_row_once_with_training_dtypes(tmp_path):
+    rng = np.random.default_rng(1)
+    n = 10_000
+    cat = rng.integers(0, 50, (n, 3))
+    num = rng.standard_normal((n, 2)).astype(np.float32)
+    label = (rng.random(n) < 0.3).astype(np.float32)
+    cat[:, 0] = np.arange(n) % 50  # some structure to compare
+    num[:, 0] = np.arange(n)  # a unique row id
+    fields = [FieldInfo(name=f"c{i}", type="categorical", vocab_size=50) for i in range(3)]
+    fields += [FieldInfo(name=f"n{i}", type="numeric") for i in range(2)]
+    with DatasetWriter(tmp_path / "ds", 3, 2, rows_per_file=3_000, row_group_rows=1_000) as w:
+        for split in ("train", "valid", "test"):
+            w.write(split, cat, num, label)
+        w.close(DatasetMeta(name="t", source_format="test", fields=fields, splits={}))
+    ds = open_dataset(tmp_path / "ds")
+    for shuffle in (False, True):
+        source = ParquetBatches(ds, "train", batch_size=512, shuffle=shuffle, seed=3,
+                                shuffle_buffer=4_000, read_rows=1_500)
+        batches = list(source.epoch(0))
+        assert all(len(b) == 512 for b in batches[:-1])
+        b0 = batches[0]
+        assert b0.cat.dtype == torch.int64 and b0.num.dtype == torch.float32
+        assert b0.label.dtype == torch.float32
+        got_num = torch.cat([b.num for b in batches]).numpy()
+        got_cat = torch.cat([b.cat for b in batches]).numpy()
+        got_label = torch.cat([b.label for b in batches]).numpy()
+        order = np.argsort(got_num[:, 0])
+        assert np.array_equal(got_num[order], num)
+        assert np.array_equal(got_cat[order], cat)
+        assert np.array_equal(got_label[order], label)
+        ids = got_num[:, 0]
+        if shuffle:
+            assert not np.array_equal(ids, np.sort(ids))
+            again = torch.cat([b.num for b in source.epoch(1)]).numpy()[:, 0]
+            assert not np.array_equal(ids, again)  # reshuffled per epoch
+        else:
+            assert np.array_equal(ids, np.arange(n))
+
+
+def test_a_writer_that_fails_leaves_no_dataset(tmp_path):
+    out = tmp_path / "half"
+    with pytest.raises(RuntimeError):
+        with DatasetWriter(out, 2, 0) as w:
+            w.write("train", np.zeros((10, 2), int), np.zeros((10, 0)), np.zeros(10))
+            raise RuntimeError("killed")
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []  # the temporary directory is gone too
+
+
+def test_bad_datasets_get_one_sentence(tmp_path, synth_dir):
+    import shutil
+
+    with pytest.raises(DatasetError, match="no such dataset directory"):
+        open_dataset(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match="not a dataset \\(no dataset.json"):
+        open_dataset(tmp_path / "empty")
+
+    bad = tmp_path / "bad"
+    shutil.copytree(synth_dir, bad)
+    shard = bad / "train" / "part-00000.parquet"
+    shard.write_bytes(shard.read_bytes()[:200])  # truncated
+    with pytest.raises(DatasetError, match="part-00000.parquet: not a readable Parquet file"):
+        open_dataset(bad)
+
+    shutil.rmtree(bad)
+    shutil.copytree(synth_dir, bad)
+    meta = json.loads((bad / META_FILE).read_text())
+    meta["splits"]["valid"]["rows"] += 1
+    (bad / META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(DatasetError, match="valid: holds .* rows but dataset.json says"):
+        open_dataset(bad)
+
+    del meta["splits"]["test"]
+    (bad / META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(DatasetError, match="missing split\\(s\\) test"):
+        open_dataset(bad)
+
+    with pytest.raises(DatasetError, match="already exists"):
+        write_synth(SPEC, synth_dir)
+
+
+def test_training_reads_a_dataset_from_disk(synth_dir):
+    cfg = TrainConfig.model_validate({
+        "data": {"path": str(synth_dir)},
+        "model": {"embedding_dim": 4, "backbone": {"mlp": [8], "cross_layers": 1},
+                  "moe": {"levels": 2, "experts": 4}},
+        "stages": {"base": {"epochs": 1, "lr": 0.01}, "experts": {"epochs": 1},
+                   "joint": {"epochs": 1}},
+    })
+    res = train_local(cfg)
+    assert list(res["stages"]) == ["base", "experts", "joint"]
+    assert 0.5 < res["test"]["auc"] < res["bayes"]["test"]["auc"]
+
+
+def test_tabulated_logits_equal_the_latent_model():
+    """The per-leaf tables used for speed compute exactly the model's definition."""
+    from hilomoe.data.planted import PlantedModel
+
+    model = PlantedModel(SPEC)
+    assert model.leaf_table is not None
+    rows = model.sample(np.random.default_rng(0), 5_000)
+    fast = model.logits(rows.cat, rows.num)
+    slow = model.logits(rows.cat, rows.num, tabulated=False)
+    np.testing.assert_allclose(fast, slow, rtol=1e-12, atol=1e-12)
+
+
+def test_zipf_ids_follow_their_distribution():
+    from hilomoe.data.planted import PlantedModel
+
+    spec = SPEC.model_copy(update={"zipf_exponent": 1.2, "vocab_size": 10})
+    model = PlantedModel(spec)
+    rows = model.sample(np.random.default_rng(1), 200_000)
+    counts = np.bincount(rows.cat[:, 0], minlength=10)[model.id_of_rank[0]]  # by rank
+    expected = 1.0 / np.arange(1, 11) ** 1.2
+    np.testing.assert_allclose(counts / counts.sum(), expected / expected.sum(), atol=0.005)
