@@ -33,3 +33,18 @@ def random_inputs(schema: FeatureSchema, batch: int, seed: int = 0):
     cat = torch.stack([torch.randint(0, v, (batch,), generator=g) for v in schema.vocab_sizes], 1)
     num = torch.randn(batch, schema.numeric, generator=g)
     return cat, num
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray instance for the whole session, kept on loopback, stopped by its handle."""
+    import os
+
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # stay on 127.0.0.1
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             logging_level="WARNING")
+    yield ray
+    ray.shutdown()

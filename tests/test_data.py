@@ -176,3 +176,31 @@ def test_zipf_ids_follow_their_distribution():
     counts = np.bincount(rows.cat[:, 0], minlength=10)[model.id_of_rank[0]]  # by rank
     expected = 1.0 / np.arange(1, 11) ** 1.2
     np.testing.assert_allclose(counts / counts.sum(), expected / expected.sum(), atol=0.005)
+
+
+@pytest.mark.slow
+def test_ray_data_streams_the_same_batches_as_the_pyarrow_reader(ray_local, synth_dir):
+    from hilomoe.data.ray_data import RayBatches, open_ray_split
+
+    ds = open_dataset(synth_dir)
+
+    def rows(source, epoch=0):
+        batches = list(source.epoch(epoch))
+        b = batches[0]
+        assert b.cat.dtype == torch.int64 and b.num.dtype == torch.float32
+        assert b.label.dtype == torch.float32 and b.cat.shape[1] == 4
+        table = np.concatenate([torch.cat([x.cat.double() for x in batches]).numpy(),
+                                torch.cat([x.num.double() for x in batches]).numpy(),
+                                torch.cat([x.label.double() for x in batches]).numpy()[:, None]],
+                               axis=1)
+        return table[np.lexsort(table.T[::-1])], table
+
+    expected, _ = rows(ParquetBatches(ds, "train", 1024))
+    plain, _ = rows(RayBatches(open_ray_split(ds, "train"), ds, 1024))
+    np.testing.assert_array_equal(plain, expected)
+    shuffled = RayBatches(open_ray_split(ds, "train", shuffle_files=True), ds, 1024,
+                          shuffle_buffer=4096, seed=1)
+    sorted0, order0 = rows(shuffled, 0)
+    _, order1 = rows(shuffled, 1)
+    np.testing.assert_array_equal(sorted0, expected)  # every row exactly once
+    assert not np.array_equal(order0, order1)  # a new local shuffle each epoch

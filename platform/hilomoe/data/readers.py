@@ -18,9 +18,23 @@ from hilomoe.data.batches import Batch
 from hilomoe.data.dataset import Dataset, DatasetError
 
 
-def _column(rb: pa.RecordBatch, name: str, width: int) -> np.ndarray:
+def _column(rb: pa.RecordBatch | pa.Table, name: str, width: int) -> np.ndarray:
     col = rb.column(name)
-    return col.values.to_numpy(zero_copy_only=False).reshape(-1, width)
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    return col.flatten().to_numpy(zero_copy_only=False).reshape(-1, width)
+
+
+def columns_of(rb: pa.RecordBatch | pa.Table, num_cat: int,
+               num_numeric: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The wide columns as arrays: cat (n, F_c) int32, num (n, F_n) float32, label (n,)."""
+    cat = _column(rb, "cat", num_cat)
+    num = (_column(rb, "num", num_numeric) if num_numeric
+           else np.zeros((rb.num_rows, 0), np.float32))
+    label = rb.column("label")
+    if isinstance(label, pa.ChunkedArray):
+        label = label.combine_chunks()
+    return cat, num, label.to_numpy(zero_copy_only=False)
 
 
 class ParquetBatches:
@@ -50,11 +64,7 @@ class ParquetBatches:
             try:
                 pf = pq.ParquetFile(path)
                 for rb in pf.iter_batches(batch_size=self.read_rows):
-                    cat = _column(rb, "cat", self.num_cat)
-                    num = (_column(rb, "num", self.num_numeric) if self.num_numeric
-                           else np.zeros((rb.num_rows, 0), np.float32))
-                    label = rb.column("label").to_numpy(zero_copy_only=False)
-                    yield cat, num, label
+                    yield columns_of(rb, self.num_cat, self.num_numeric)
             except (pa.ArrowInvalid, OSError) as err:
                 raise DatasetError(f"{path}: not a readable Parquet file (truncated or corrupt: "
                                    f"{str(err).splitlines()[0]}).") from None
