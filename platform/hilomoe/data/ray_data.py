@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Iterator
 
+import numpy as np
 import pyarrow as pa
 import torch
 from ray.data.collate_fn import ArrowBatchCollateFn
@@ -45,7 +46,9 @@ class BatchCollate(ArrowBatchCollateFn):
         # a plain tuple: Ray rebuilds the collated type positionally when it moves batches to
         # the training device, which a NamedTuple does not survive; RayBatches re-wraps it
         cat, num, label = columns_of(table, self.num_cat, self.num_numeric)
-        return torch.from_numpy(cat).long(), torch.from_numpy(num), torch.from_numpy(label)
+        # Arrow's buffers are read-only; cat is converted (copied) anyway, the rest is small
+        return (torch.from_numpy(cat.astype(np.int64)), torch.from_numpy(num.copy()),
+                torch.from_numpy(label.copy()))
 
 
 class RayBatches:
