@@ -228,6 +228,12 @@ def _command(group, name: str, func: Callable, help: str, description: str, exam
     return p
 
 
+def _group(sub, name: str, help: str):
+    """A command that only groups subcommands (`hilomoe model ...`)."""
+    return sub.add_parser(name, help=help).add_subparsers(
+        dest=f"{name}_command", metavar="COMMAND", required=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="hilomoe", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -238,8 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"hilomoe {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    model = sub.add_parser("model", help="inspect a model configuration")
-    model_sub = model.add_subparsers(dest="model_command", metavar="COMMAND", required=True)
+    model_sub = _group(sub, "model", "inspect a model configuration")
     s = _command(
         model_sub, "summary", cmd_model_summary,
         help="parameters and per-sample FLOPs (analytic and measured)",
@@ -262,8 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data", metavar="DIR", help="a canonical dataset directory (overrides "
                    "the configuration's data section)")
 
-    data = sub.add_parser("data", help="create and convert datasets")
-    data_sub = data.add_subparsers(dest="data_command", metavar="COMMAND", required=True)
+    data_sub = _group(sub, "data", "create and convert datasets")
     d = _command(
         data_sub, "synth", cmd_data_synth, config=False,
         help="write the planted synthetic problem as a canonical dataset",
@@ -279,8 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="take the generator settings from this training configuration's data.synth")
     d.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
 
-    bench = sub.add_parser("bench", help="speed benchmarks")
-    bench_sub = bench.add_subparsers(dest="bench_command", metavar="COMMAND", required=True)
+    bench_sub = _group(sub, "bench", "speed benchmarks")
     b = _command(
         bench_sub, "layer", cmd_bench_layer, config=False,
         help="forward+backward latency of one HiLoMoE projection vs its rivals",

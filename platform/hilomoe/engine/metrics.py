@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 
 import numpy as np
@@ -90,7 +89,3 @@ class RoutingStats:
             out[f"level{level + 1}_entropy"] = float(np.mean(ent))
         out["paths"] = float(np.mean(self.paths))
         return out
-
-
-def nan_to_none(value: float) -> float | None:
-    return None if isinstance(value, float) and math.isnan(value) else value

@@ -20,7 +20,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from hilomoe.config import StageConfig, StageName, StagesConfig
 from hilomoe.model.ctr import CTRModel
@@ -74,7 +73,3 @@ def make_optimizer(setup: StageSetup) -> torch.optim.Optimizer:
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(setup.param_groups, weight_decay=cfg.weight_decay)
     return torch.optim.SGD(setup.param_groups, momentum=0.9, weight_decay=cfg.weight_decay)
-
-
-def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
-    return [p for p in model.parameters() if p.requires_grad]

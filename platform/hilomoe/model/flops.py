@@ -164,8 +164,3 @@ def measured_flops(model: torch.nn.Module, *inputs: torch.Tensor) -> float:
     with counter, fused.eager():  # the fused routing kernel is opaque to the counter
         model(*inputs)
     return counter.get_total_flops() / inputs[0].shape[0]
-
-
-def count_parameters(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
