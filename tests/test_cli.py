@@ -108,3 +108,17 @@ def test_bench_data_json_keys():
     assert paths == {"synth_write", "pyarrow_reader"}
     for r in res["rows"]:
         assert r["rows_per_s"] > 0 and r["rows"] > 0
+
+
+def test_data_convert_json_reports_skipped_rows(tmp_path):
+    src = tmp_path / "day_0"
+    good = "\t".join(["1"] + ["3"] * 13 + ["68fd1e64"] * 26)
+    src.write_text("\n".join([good, good, "0\tbroken", good]) + "\n")
+    proc = hilomoe("data", "convert", "--format", "criteo", "--input", str(src), "--out",
+                   str(tmp_path / "out"), "--min-count", "1", "--json")
+    res = one_json(proc.stdout)
+    assert res["rows_skipped"] == 1 and res["source_format"] == "criteo"
+    assert "day_0:3: 2 fields where 40 are expected" in proc.stderr
+    strict = hilomoe("data", "convert", "--format", "criteo", "--input", str(src), "--out",
+                     str(tmp_path / "strict"), "--strict", check=False)
+    assert strict.returncode == 2 and "day_0:3" in strict.stderr and "Traceback" not in strict.stderr

@@ -158,6 +158,28 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_convert(args: argparse.Namespace) -> int:
+    from hilomoe.data.convert import ConvertOptions, convert
+
+    options = ConvertOptions(min_count=args.min_count, hash_buckets=args.hash_buckets,
+                             split=args.split, seed=args.seed, strict=args.strict,
+                             criteo_ints=args.criteo_ints, overwrite=args.overwrite)
+    log.print(f"converting {len(args.input)} {args.format} file(s) to {args.out} ...")
+    result = convert(args.format, args.input, args.out, options, field_spec=args.field_spec)
+    if result["rows_skipped"]:
+        log.print(f"skipped {result['rows_skipped']:,} malformed row(s); the first:",
+                  highlight=False)
+        for example in result["skipped_examples"]:
+            log.print(f"  {example}", markup=False, highlight=False)
+    if args.json:
+        _emit_json(result)
+        return 0
+    rows = [[s, info["rows"], len(info["files"])] for s, info in result["splits"].items()]
+    out.print(_table(f"{args.out}: {len(result['fields'])} fields, {result['seconds']:.1f} s",
+                     ["split", "rows", "files"], rows))
+    return 0
+
+
 # ----------------------------------------------------------------------------------------------
 # bench layer
 
@@ -283,6 +305,32 @@ def build_parser() -> argparse.ArgumentParser:
                    help="take the generator settings from this training configuration's data.synth")
     d.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
 
+    c = _command(
+        data_sub, "convert", cmd_data_convert, config=False,
+        help="convert public CTR data (Criteo, Avazu, a table) to a canonical dataset",
+        description="Stream the input files twice (vocabularies and statistics, then encoding), "
+                    "skipping and counting malformed rows, and write DIR as Parquet shards plus "
+                    "dataset.json. Formats: criteo (TSV: label, I1-I13, C1-C26), avazu (CSV with "
+                    "header), table (CSV / TSV / Parquet described by --field-spec YAML: "
+                    "columns: {name: categorical | numeric | label | ignore}).",
+        example="hilomoe data convert --format criteo --input train.txt --out data/criteo",
+    )
+    c.add_argument("--format", required=True, choices=["criteo", "avazu", "table"])
+    c.add_argument("--input", required=True, nargs="+", metavar="PATH")
+    c.add_argument("--out", required=True, metavar="DIR")
+    c.add_argument("--field-spec", metavar="YAML", help="column roles (format table)")
+    c.add_argument("--min-count", type=int, default=2,
+                   help="values seen fewer times map to the OOV id 0 (default 2)")
+    c.add_argument("--hash-buckets", type=int, default=None,
+                   help="hash categorical values into this many ids instead of a vocabulary")
+    c.add_argument("--split", choices=["random", "time"], default="random",
+                   help="random 8:1:1 (seeded), or by time where the format has one")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--criteo-ints", choices=["categorical", "numeric"], default="categorical",
+                   help="I1-I13 as log-square buckets (categorical) or log1p-standardised")
+    c.add_argument("--strict", action="store_true", help="stop at the first malformed row")
+    c.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
+
     bench_sub = _group(sub, "bench", "speed benchmarks")
     b = _command(
         bench_sub, "layer", cmd_bench_layer, config=False,
@@ -313,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_positive(args: argparse.Namespace) -> None:
-    for key in ("batch", "dim", "experts", "top_k", "repeats", "rows"):
+    for key in ("batch", "dim", "experts", "top_k", "repeats", "rows", "min_count"):
         value = getattr(args, key, None)
         if value is not None and value < 1:
             raise HilomoeError(f"--{key.replace('_', '-')}: must be a positive integer, got {value}")
