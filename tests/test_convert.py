@@ -168,3 +168,29 @@ def test_table_csv_and_parquet_with_field_spec(tmp_path):
         convert("table", [csv], tmp_path / "bad", field_spec=spec)
     with pytest.raises(ConvertError, match="no such input file"):
         convert("criteo", [tmp_path / "missing.txt"], tmp_path / "m")
+
+
+def test_movielens_join_labels_latin1_and_time_split(tmp_path):
+    (tmp_path / "users.dat").write_bytes(b"1::F::1::10::48067\n2::M::56::16::70072\n")
+    (tmp_path / "movies.dat").write_bytes(
+        "1::Toy Story (1995)::Animation|Children's|Comedy\n"
+        "2::Café Society (1995)::Drama\n".encode("latin-1"))  # a latin-1 title
+    ratings = [f"{1 + i % 2}::{1 + i % 3 // 2}::{1 + i % 5}::{978300760 + i}" for i in range(50)]
+    (tmp_path / "ratings.dat").write_text("\n".join(ratings) + "\n")
+    inputs = [tmp_path / n for n in ("ratings.dat", "users.dat", "movies.dat")]
+    res = convert("movielens", inputs, tmp_path / "out", ConvertOptions(min_count=1, split="time"))
+    assert res["rows_skipped"] == 0
+    ds, splits = read_all(tmp_path / "out")
+    names = [f.name for f in ds.meta.fields]
+    cat, _, label = all_rows(splits)
+    assert len(label) == 50
+    assert label.sum() == sum(1 for r in ratings if int(r.split("::")[2]) >= 4)
+    vocab = {f.name: f.vocab_size for f in ds.meta.fields}
+    assert vocab["gender"] == 3 and vocab["year"] == 2 and vocab["genre"] == 3
+    assert res["splits"]["test"]["rows"] == 5  # the last 10% by timestamp
+    dropped = convert("movielens", inputs, tmp_path / "drop",
+                      ConvertOptions(min_count=1, drop_neutral=True))
+    assert sum(s["rows"] for s in dropped["splits"].values()) == 40  # the 3s are gone
+    assert "genres" in names
+    with pytest.raises(ConvertError, match="missing users.dat"):
+        convert("movielens", [inputs[0], inputs[2]], tmp_path / "bad")

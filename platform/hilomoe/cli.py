@@ -163,7 +163,9 @@ def cmd_data_convert(args: argparse.Namespace) -> int:
 
     options = ConvertOptions(min_count=args.min_count, hash_buckets=args.hash_buckets,
                              split=args.split, seed=args.seed, strict=args.strict,
-                             criteo_ints=args.criteo_ints, overwrite=args.overwrite)
+                             criteo_ints=args.criteo_ints, overwrite=args.overwrite,
+                             rating_threshold=args.rating_threshold,
+                             drop_neutral=args.drop_neutral)
     log.print(f"converting {len(args.input)} {args.format} file(s) to {args.out} ...")
     result = convert(args.format, args.input, args.out, options, field_spec=args.field_spec)
     if result["rows_skipped"]:
@@ -311,11 +313,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Stream the input files twice (vocabularies and statistics, then encoding), "
                     "skipping and counting malformed rows, and write DIR as Parquet shards plus "
                     "dataset.json. Formats: criteo (TSV: label, I1-I13, C1-C26), avazu (CSV with "
-                    "header), table (CSV / TSV / Parquet described by --field-spec YAML: "
+                    "header), movielens (ratings.dat users.dat movies.dat), table (CSV / TSV / Parquet described by --field-spec YAML: "
                     "columns: {name: categorical | numeric | label | ignore}).",
         example="hilomoe data convert --format criteo --input train.txt --out data/criteo",
     )
-    c.add_argument("--format", required=True, choices=["criteo", "avazu", "table"])
+    c.add_argument("--format", required=True, choices=["criteo", "avazu", "movielens", "table"])
     c.add_argument("--input", required=True, nargs="+", metavar="PATH")
     c.add_argument("--out", required=True, metavar="DIR")
     c.add_argument("--field-spec", metavar="YAML", help="column roles (format table)")
@@ -328,6 +330,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--criteo-ints", choices=["categorical", "numeric"], default="categorical",
                    help="I1-I13 as log-square buckets (categorical) or log1p-standardised")
+    c.add_argument("--rating-threshold", type=int, default=4,
+                   help="movielens: a click is a rating >= this (default 4)")
+    c.add_argument("--drop-neutral", action="store_true",
+                   help="movielens: leave out ratings just below the threshold (the usual 3s)")
     c.add_argument("--strict", action="store_true", help="stop at the first malformed row")
     c.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
 

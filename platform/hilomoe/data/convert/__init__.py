@@ -39,6 +39,8 @@ class ConvertOptions:
     seed: int = 0
     strict: bool = False
     criteo_ints: str = "categorical"
+    rating_threshold: int = 4  # movielens: label = rating >= threshold
+    drop_neutral: bool = False  # movielens: leave out ratings of threshold - 1
     overwrite: bool = False
 
 
@@ -67,7 +69,8 @@ def convert(fmt_name: str, inputs: list[str | Path], out: str | Path,
             options: ConvertOptions = ConvertOptions(), field_spec: str | Path | None = None,
             chunk_rows: int | None = None) -> dict:
     t0 = time.perf_counter()
-    fmt = make_format(fmt_name, Path(field_spec) if field_spec else None, options.criteo_ints)
+    fmt = make_format(fmt_name, Path(field_spec) if field_spec else None, options.criteo_ints,
+                      options.rating_threshold, options.drop_neutral)
     paths = [Path(p) for p in inputs]
     for p in paths:
         if not p.is_file():

@@ -4,6 +4,7 @@ field, floats per numeric field, a 0/1 label, and a time key where the format ha
     criteo  label, I1-I13 integers, C1-C26 hex strings; tab-separated, no header; empty = missing
     avazu   CSV with header: id, click, hour (YYMMDDHH), C1, banner_pos, site_*, app_*,
             device_*, C14-C21; hour becomes hour-of-day and weekday fields, id is dropped
+    movielens  MovieLens-1M ratings.dat joined with users.dat and movies.dat ("::", latin-1)
     table   any CSV / TSV / Parquet with a header, described by a YAML field spec
 """
 
@@ -238,13 +239,79 @@ class Table:
         return Parsed(_keep([col(c) for c in self.cat_fields], ok), num[ok], label[ok], time)
 
 
-def make_format(name: str, spec: Path | None = None, criteo_ints: str = "categorical"):
+# ----------------------------------------------------------------------------------------------
+# movielens
+
+
+class MovieLens:
+    """MovieLens-1M: ratings.dat joined with users.dat and movies.dat (`::`-separated; titles
+    in latin-1). label = rating >= threshold; with drop_neutral, ratings of threshold - 1 are
+    left out (the common "drop 3" protocol). Time key: the rating's timestamp."""
+
+    name = "movielens"
+    has_time = True
+    num_fields: list[str] = []
+    cat_fields = ["user_id", "movie_id", "gender", "age", "occupation", "zip", "genre",
+                  "genres", "year"]
+    transforms = {"genre": "first of the pipe-separated genres", "year": "from the title"}
+
+    def __init__(self, threshold: int = 4, drop_neutral: bool = False):
+        self.threshold, self.drop_neutral = threshold, drop_neutral
+
+    def _files(self, inputs: list[Path]) -> dict[str, Path]:
+        files = {p.name.split(".")[0]: p for p in inputs}
+        missing = [n for n in ("ratings", "users", "movies") if n not in files]
+        if missing:
+            raise ConvertError(f"--format movielens needs ratings.dat, users.dat and movies.dat; "
+                               f"missing {', '.join(m + '.dat' for m in missing)}.")
+        return files
+
+    def _table(self, path: Path, width: int, problems: Problems) -> dict[str, list[str]]:
+        out = {}
+        for rows in read_delimited(path, "::", width, problems, encoding="latin-1"):
+            for parts in zip(*rows.columns):
+                out[parts[0]] = list(parts[1:])
+        return out
+
+    def read(self, inputs: list[Path], problems: Problems) -> Iterator[Parsed]:
+        files = self._files(inputs)
+        users = self._table(files["users"], 5, problems)
+        movies = self._table(files["movies"], 3, problems)
+        for rows in read_delimited(files["ratings"], "::", 4, problems, encoding="latin-1"):
+            user, movie, rating_text, ts = rows.columns
+            rating, ok = parse_float(rating_text, rows, problems, "Rating", missing_ok=False)
+            t, good = parse_float(ts, rows, problems, "Timestamp", missing_ok=False)
+            ok &= good
+            if self.drop_neutral:
+                ok &= rating != self.threshold - 1
+            u = [users.get(x, ["", "", "", ""]) for x in user]
+            m = [movies.get(x, ["", ""]) for x in movie]
+            genres = np.array([g for _, g in m], dtype=object)
+            cats = [user, movie,
+                    *(np.array([row[i] for row in u], dtype=object) for i in range(4)),
+                    np.array([g.split("|")[0] for g in genres], dtype=object), genres,
+                    np.array([_year(title) for title, _ in m], dtype=object)]
+            label = (rating >= self.threshold).astype(np.float32)
+            yield Parsed(_keep(cats, ok), np.zeros((ok.sum(), 0)), label[ok],
+                         np.nan_to_num(t).astype(np.int64)[ok])
+
+
+def _year(title: str) -> str:
+    """'Toy Story (1995)' -> '1995'."""
+    title = title.rstrip()
+    return title[-5:-1] if len(title) > 6 and title.endswith(")") and title[-5:-1].isdigit() else ""
+
+
+def make_format(name: str, spec: Path | None = None, criteo_ints: str = "categorical",
+                threshold: int = 4, drop_neutral: bool = False):
     if name == "criteo":
         return Criteo(criteo_ints)
     if name == "avazu":
         return Avazu()
+    if name == "movielens":
+        return MovieLens(threshold, drop_neutral)
     if name == "table":
         if spec is None:
             raise ConvertError("--format table needs --field-spec YAML naming each column's role.")
         return Table(spec)
-    raise ConvertError(f"--format {name!r}: not a known format (criteo, avazu, table).")
+    raise ConvertError(f"--format {name!r}: not a known format (criteo, avazu, movielens, table).")
