@@ -103,7 +103,8 @@ def test_data_synth_json_then_train_on_it(tmp_path):
 
 
 def test_bench_data_json_keys():
-    res = one_json(hilomoe("bench", "data", "--rows", "20000", "--batch", "1024", "--json").stdout)
+    res = one_json(hilomoe("bench", "data", "--rows", "20000", "--batch", "1024", "--skip-ray",
+                           "--json").stdout)
     paths = {r["path"] for r in res["rows"]}
     assert paths == {"synth_write", "pyarrow_reader"}
     for r in res["rows"]:

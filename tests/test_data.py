@@ -196,8 +196,16 @@ def test_ray_data_streams_the_same_batches_as_the_pyarrow_reader(ray_local, synt
         return table[np.lexsort(table.T[::-1])], table
 
     expected, _ = rows(ParquetBatches(ds, "train", 1024))
-    plain, _ = rows(RayBatches(open_ray_split(ds, "train"), ds, 1024))
+    ray_source = RayBatches(open_ray_split(ds, "train"), ds, 1024)
+    plain, _ = rows(ray_source)
     np.testing.assert_array_equal(plain, expected)
+
+    class TorchPath:  # Ray's own iter_torch_batches with our Arrow collate function
+        def epoch(self, epoch=0):
+            return ray_source.torch_batches()
+
+    via_torch, _ = rows(TorchPath())
+    np.testing.assert_array_equal(via_torch, expected)
     shuffled = RayBatches(open_ray_split(ds, "train", shuffle_files=True), ds, 1024,
                           shuffle_buffer=4096, seed=1)
     sorted0, order0 = rows(shuffled, 0)

@@ -226,7 +226,7 @@ def cmd_bench_data(args: argparse.Namespace) -> int:
     from hilomoe.bench import data
 
     log.print(f"benchmarking the data paths on {args.rows:,} rows ...")
-    rows = data.run(rows=args.rows, batch=args.batch)
+    rows = data.run(rows=args.rows, batch=args.batch, ray=not args.skip_ray)
     if args.json:
         _emit_json(data.as_json(rows))
         return 0
@@ -356,13 +356,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: the CPU, and the GPU too when one is present")
     bd = _command(
         bench_sub, "data", cmd_bench_data, config=False,
-        help="rows/s of the synthetic writer and the Parquet reader",
+        help="rows/s of the synthetic writer, the Parquet reader and the Ray Data path",
         description="Write a planted dataset to a temporary directory, then read its train "
-                    "split into training-ready tensors, in order and shuffled; rows/s of each.",
+                    "split into training-ready tensors with pyarrow and through Ray Data, in "
+                    "order and shuffled; rows/s of each.",
         example="hilomoe bench data --rows 2000000 --json",
     )
     bd.add_argument("--rows", type=int, default=2_000_000)
     bd.add_argument("--batch", type=int, default=8192)
+    bd.add_argument("--skip-ray", action="store_true", help="leave out the Ray Data path")
     return p
 
 

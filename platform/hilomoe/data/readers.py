@@ -7,7 +7,7 @@ a bounded local shuffle buffer. Memory is bounded by the buffer, never by the sp
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -35,6 +35,40 @@ def columns_of(rb: pa.RecordBatch | pa.Table, num_cat: int,
     if isinstance(label, pa.ChunkedArray):
         label = label.combine_chunks()
     return cat, num, label.to_numpy(zero_copy_only=False)
+
+
+def rebatch(chunks: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]], size: int,
+            rng: np.random.Generator | None, buffer_rows: int) -> Iterator[Batch]:
+    """Column chunks (cat, num, label) of any sizes -> Batches of `size` rows.
+
+    With `rng`, rows pass through a shuffle buffer of about `buffer_rows` rows, permuted as a
+    whole; without, they keep their order. Only the last batch may be smaller.
+    """
+    buffer: list[tuple[np.ndarray, ...]] = []
+    buffered = 0
+    limit = buffer_rows if rng is not None else size
+
+    def drain(final: bool) -> Iterator[Batch]:
+        nonlocal buffer, buffered
+        cat, num, label = (torch.from_numpy(np.concatenate(parts)) for parts in zip(*buffer))
+        cat = cat.long()  # once per buffer, not per batch
+        if rng is not None:  # torch's gathers are parallel; numpy's fancy indexing is not
+            order = torch.from_numpy(rng.permutation(len(label)))
+            cat, num, label = cat[order], num[order], label[order]
+        keep = len(label) if final else len(label) // size * size
+        for lo in range(0, keep, size):
+            yield Batch(cat[lo : lo + size], num[lo : lo + size], label[lo : lo + size])
+        rest = (cat[keep:].numpy(), num[keep:].numpy(), label[keep:].numpy())
+        buffer = [rest] if keep < len(label) else []
+        buffered = len(label) - keep
+
+    for chunk in chunks:
+        buffer.append(chunk)
+        buffered += len(chunk[2])
+        if buffered >= limit:
+            yield from drain(final=False)
+    if buffered:
+        yield from drain(final=True)
 
 
 class ParquetBatches:
@@ -70,33 +104,8 @@ class ParquetBatches:
                                    f"{str(err).splitlines()[0]}).") from None
 
     def epoch(self, epoch: int = 0, batch_size: int | None = None) -> Iterator[Batch]:
-        size = batch_size or self.batch_size
         rng = np.random.default_rng([self.seed, epoch]) if self.shuffle else None
-        buffer: list[tuple[np.ndarray, ...]] = []
-        buffered = 0
-        limit = self.shuffle_buffer if self.shuffle else size
-
-        def drain(final: bool) -> Iterator[Batch]:
-            nonlocal buffer, buffered
-            cat, num, label = (torch.from_numpy(np.concatenate(parts)) for parts in zip(*buffer))
-            cat = cat.long()  # once per buffer, not per batch
-            if rng is not None:  # torch's gathers are parallel; numpy's fancy indexing is not
-                order = torch.from_numpy(rng.permutation(len(label)))
-                cat, num, label = cat[order], num[order], label[order]
-            keep = len(label) if final else len(label) // size * size
-            for lo in range(0, keep, size):
-                yield Batch(cat[lo : lo + size], num[lo : lo + size], label[lo : lo + size])
-            rest = (cat[keep:].numpy(), num[keep:].numpy(), label[keep:].numpy())
-            buffer = [rest] if keep < len(label) else []
-            buffered = len(label) - keep
-
-        for chunk in self._chunks(rng):
-            buffer.append(chunk)
-            buffered += len(chunk[2])
-            if buffered >= limit:
-                yield from drain(final=False)
-        if buffered:
-            yield from drain(final=True)
+        return rebatch(self._chunks(rng), batch_size or self.batch_size, rng, self.shuffle_buffer)
 
     def __iter__(self) -> Iterator[Batch]:
         return self.epoch(0)
