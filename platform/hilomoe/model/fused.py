@@ -11,6 +11,7 @@ identical results (tests compare them). Set HILOMOE_FUSED_ROUTING=0 to force the
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import warnings
 from contextlib import contextmanager
@@ -43,6 +44,7 @@ def kernel():
     try:
         from torch.utils.cpp_extension import load
 
+        _put_ninja_on_path()
         _kernel = load(
             name="hilomoe_routing",
             sources=[str(Path(__file__).with_name("routing_kernel.cpp"))],
@@ -57,6 +59,20 @@ def kernel():
                       stacklevel=2)
         print("hilomoe: fused routing kernel unavailable; using eager routing", file=sys.stderr)
     return _kernel
+
+
+def _put_ninja_on_path() -> None:
+    """torch looks for `ninja` on PATH; the pip-installed one lives beside this interpreter,
+    which is not on PATH when a venv's scripts are called without activating it."""
+    if shutil.which("ninja"):
+        return
+    try:
+        import ninja
+
+        bin_dir = ninja.BIN_DIR
+    except (ImportError, AttributeError):
+        bin_dir = os.path.dirname(sys.executable)
+    os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
 
 
 def usable(base: Tensor) -> bool:
