@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from hilomoe.data.convert import ConvertError, ConvertOptions, convert
-from hilomoe.data.dataset import open_dataset
+from hilomoe.data.dataset import DatasetError, open_dataset
 from hilomoe.data.readers import ParquetBatches
 
 
@@ -194,3 +194,32 @@ def test_movielens_join_labels_latin1_and_time_split(tmp_path):
     assert "genres" in names
     with pytest.raises(ConvertError, match="missing users.dat"):
         convert("movielens", [inputs[0], inputs[2]], tmp_path / "bad")
+
+
+@pytest.mark.slow
+def test_a_converter_killed_halfway_leaves_no_dataset(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    rng = np.random.default_rng(0)
+    n = 400_000
+    ints = rng.integers(0, 50, (n, 13)).astype(str)
+    cats = np.char.add("c", rng.integers(0, 1000, (n, 26)).astype(str))
+    lines = ["\t".join(row) for row in np.column_stack([rng.integers(0, 2, n).astype(str),
+                                                        ints, cats])]
+    src = tmp_path / "train.txt"
+    src.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "criteo"
+    proc = subprocess.Popen([sys.executable, "-m", "hilomoe", "data", "convert", "--format",
+                             "criteo", "--input", str(src), "--out", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(4.0)
+    assert proc.poll() is None, "the conversion finished before it could be interrupted"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not out.exists()  # nothing at the target path, let alone something complete
+    with pytest.raises(DatasetError, match="no such dataset directory"):
+        open_dataset(out)
