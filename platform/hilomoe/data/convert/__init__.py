@@ -95,8 +95,9 @@ def convert(fmt_name: str, inputs: list[str | Path], out: str | Path,
                 c.update(pd.Series(values).value_counts().to_dict())
         if len(fmt.num_fields):
             present = ~np.isnan(parsed.num)
-            num_sum += np.where(present, parsed.num, 0).sum(0)
-            num_sq += np.where(present, parsed.num, 0).__pow__(2).sum(0)
+            values = np.where(present, parsed.num, 0.0)  # missing values add nothing
+            num_sum += values.sum(0)
+            num_sq += (values**2).sum(0)
             num_n += present.sum(0)
         if options.split == "time":
             times.update(pd.Series(parsed.time).value_counts().to_dict())
