@@ -2,28 +2,12 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 
+from helpers import hilomoe, one_json
+
 EXAMPLE = "studies/train_example.yaml"
-
-
-def hilomoe(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "hilomoe", *args], capture_output=True,
-                          text=True, timeout=900, env={**os.environ, "COLUMNS": "120"})
-    if check:
-        assert proc.returncode == 0, proc.stderr
-    return proc
-
-
-def one_json(stdout: str) -> dict:
-    lines = [line for line in stdout.splitlines() if line.strip()]
-    assert len(lines) == 1, stdout
-    return json.loads(lines[0])
 
 
 def test_model_summary_json_on_the_example():
@@ -65,7 +49,10 @@ def test_bench_layer_json_keys():
 
 @pytest.mark.parametrize("args, fragment", [
     (["model", "summary", "missing.yaml"], "missing.yaml: no such configuration file"),
-    (["train", EXAMPLE], "add --local"),
+    (["train"], "give a training configuration (CONFIG.yaml), or --resume DIR"),
+    (["train", "--resume", "nowhere"], "nowhere: not a run directory"),
+    (["train", EXAMPLE, "--data", "nowhere"], "nowhere"),
+    (["train", EXAMPLE, "--workers", "0"], "--workers: must be a positive integer"),
     (["bench", "layer", "--experts", "2", "--top-k", "3"], "--top-k (3) must be at most --experts (2)"),
 ])
 def test_bad_input_gets_one_sentence(args, fragment):

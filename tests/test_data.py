@@ -212,3 +212,19 @@ def test_ray_data_streams_the_same_batches_as_the_pyarrow_reader(ray_local, synt
     _, order1 = rows(shuffled, 1)
     np.testing.assert_array_equal(sorted0, expected)  # every row exactly once
     assert not np.array_equal(order0, order1)  # a new local shuffle each epoch
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 7])
+def test_parquet_shards_partition_the_split(tmp_path, world):
+    """Rank shards cover every row exactly once; `equal` gives every rank N // world rows."""
+    spec = PlantedData(rows=3000, categorical_fields=3, vocab_size=50, numeric_fields=1, seed=4)
+    write_synth(spec, tmp_path / "d", chunk_rows=700, rows_per_file=900)
+    ds = open_dataset(tmp_path / "d")
+    whole = np.concatenate([b.cat.numpy() for b in ParquetBatches(ds, "train", 256).epoch(0)])
+    shards = [ParquetBatches(ds, "train", 256, rank=r, world=world) for r in range(world)]
+    parts = [np.concatenate([b.cat.numpy() for b in s.epoch(0)]) for s in shards]
+    np.testing.assert_array_equal(np.concatenate(parts), whole)
+    assert [len(p) for p in parts] == [len(s) for s in shards]
+    equal = [ParquetBatches(ds, "train", 256, shuffle=True, rank=r, world=world, equal=True)
+             for r in range(world)]
+    assert {sum(len(b) for b in s.epoch(3)) for s in equal} == {len(whole) // world}

@@ -7,6 +7,7 @@ stderr. Bad input ends with one sentence on stderr and exit status 2, never a st
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -32,8 +33,9 @@ def _emit_json(obj: Any) -> None:
             return [clean(x) for x in v]
         return v
 
-    sys.stdout.write(json.dumps(clean(obj)) + "\n")
-    sys.stdout.flush()
+    # the real stdout: while a command runs, stray prints (Ray's, libraries') go to stderr
+    sys.__stdout__.write(json.dumps(clean(obj)) + "\n")
+    sys.__stdout__.flush()
 
 
 def _cell(v: Any) -> str:
@@ -100,37 +102,107 @@ def cmd_model_summary(args: argparse.Namespace) -> int:
 # train
 
 
+def _epoch_line(stage: str, epoch: int, loss: float, valid: dict, improved: bool,
+                samples_per_s: float, tail: str = "") -> None:
+    mark = "*" if improved else " "
+    log.print(f"[{stage:>7}] epoch {epoch + 1:>3}  loss {loss:.4f}  valid auc {valid['auc']:.4f}"
+              f"{mark} logloss {valid['logloss']:.4f}  {samples_per_s:,.0f} samples/s{tail}",
+              highlight=False, markup=False)
+
+
+def _duration(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+class _RayConsole:
+    """Progress of a Ray run: the worker plan, then one line per epoch with elapsed time and an
+    upper bound on the time left (early stopping usually ends stages sooner)."""
+
+    def __init__(self, cfg):
+        self.stages = cfg.stages
+        self.seconds: list[float] = []
+
+    def __call__(self, event: dict) -> None:
+        if event["kind"] == "start":
+            p = event["plan"]
+            log.print(f"Ray Train: {p['workers']} worker(s) x {p['cpus_per_worker']:g} CPU"
+                      f"{' + 1 GPU' if p['gpus_per_worker'] else ''}, {p['data_cpus']:g} CPU "
+                      f"kept for Ray Data; run directory {event['out_dir']}", highlight=False)
+            return
+        from hilomoe.config import StageName
+
+        self.seconds.append(event["epoch_seconds"])
+        names = [n.value for n in StageName if self.stages.get(n).enabled]
+        left = self.stages.get(StageName(event["stage"])).epochs - event["epoch"] - 1
+        left += sum(self.stages.get(StageName(n)).epochs for n in names[names.index(event["stage"]) + 1:])
+        eta = sum(self.seconds) / len(self.seconds) * left
+        _epoch_line(event["stage"], event["epoch"], event["train_loss"], event["valid"],
+                    event["improved"], event["samples_per_s"],
+                    f"  elapsed {_duration(event['elapsed_s'])}, ETA <= {_duration(eta)}")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from hilomoe.config import load_config
+
+    if args.resume:
+        if args.config or args.local:
+            raise HilomoeError("--resume continues a run with its saved configuration: "
+                               "give no CONFIG and no --local")
+        return _train_ray(args, None)
+    if not args.config:
+        raise HilomoeError("give a training configuration (CONFIG.yaml), or --resume DIR")
+    cfg = load_config(args.config)
+    overrides = {"data.path": args.data, "ray.workers": args.workers,
+                 "ray.gpu": True if args.gpu else None, "ray.storage": args.storage,
+                 "ray.compile": True if args.compile else None,
+                 "ray.max_failures": args.max_failures, "ray.reader": args.reader}
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if overrides:
+        cfg = cfg.with_overrides(**overrides)
+    if not args.local:
+        return _train_ray(args, cfg)
     from hilomoe.engine.local import train_local
 
-    cfg = load_config(args.config)
-    if args.data:
-        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"path": args.data})})
-    if not args.local:
-        raise HilomoeError(
-            "distributed training on Ray is not available in this version; "
-            "add --local to train in this process"
-        )
+    result = train_local(cfg, on_epoch=lambda r: _epoch_line(
+        r.stage, r.epoch, r.train["loss"], r.valid, r.improved, r.samples_per_s))
+    return _train_report(args, result)
 
-    def on_epoch(r) -> None:
-        v = r.valid
-        mark = "*" if r.improved else " "
-        log.print(f"[{r.stage:>7}] epoch {r.epoch + 1:>3}  loss {r.train['loss']:.4f}  "
-                  f"valid auc {v['auc']:.4f}{mark} logloss {v['logloss']:.4f}  "
-                  f"{r.samples_per_s:,.0f} samples/s", highlight=False)
 
-    result = train_local(cfg, on_epoch=on_epoch)
+def _train_ray(args: argparse.Namespace, cfg) -> int:
+    import time
+    from pathlib import Path
+
+    from hilomoe.train import TrainRun, train_ray
+
+    if cfg is None:
+        run = TrainRun.load(args.resume)
+        log.print(f"resuming {run.out_dir} from its last checkpoint", highlight=False)
+    else:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        out = args.out or str(Path("runs") / f"{Path(args.config).stem}-{stamp}")
+        run = TrainRun.create(cfg, out)
+    try:
+        result = train_ray(run, on_event=_RayConsole(run.cfg))
+    except KeyboardInterrupt:
+        raise HilomoeError(f"interrupted; continue the run with "
+                           f"`hilomoe train --resume {run.out_dir}`") from None
+    return _train_report(args, result)
+
+
+def _train_report(args: argparse.Namespace, result: dict) -> int:
     if args.json:
         _emit_json(result)
         return 0
     rows = [[name, s["epochs"], s["auc"], s["logloss"]] for name, s in result["stages"].items()]
     rows.append(["test", "", result["test"]["auc"], result["test"]["logloss"]])
-    if result["bayes"]:
+    if result.get("bayes"):
         rows.append(["bayes (test)", "", result["bayes"]["test"]["auc"],
                      result["bayes"]["test"]["logloss"]])
-    out.print(_table(f"{args.config}: best validation per stage, then test",
+    out.print(_table(f"{args.config or args.resume}: best validation per stage, then test",
                      ["stage", "epochs", "auc", "logloss"], rows))
+    if "out_dir" in result:
+        out.print(f"results, final weights and checkpoints: {result['out_dir']}", highlight=False)
     return 0
 
 
@@ -235,6 +307,25 @@ def cmd_bench_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_train(args: argparse.Namespace) -> int:
+    from hilomoe.bench import train
+
+    log.print(f"benchmarking the training paths on {args.rows:,} planted rows ...")
+    rows = train.run(config=args.config, rows=args.rows, epochs=args.epochs,
+                     workers=tuple(args.workers), readers=tuple(args.readers))
+    if args.json:
+        _emit_json(train.as_json(rows))
+        return 0
+    out.print(_table(f"training paths ({args.config}, {args.epochs} epoch(s) per stage)",
+                     ["mode", "samples", "samples/s", "vs ceiling", "epoch wall s",
+                      "Ray overhead", "startup s", "total s"],
+                     [[r.mode, r.samples, r.samples_per_s,
+                       f"{r.samples_per_s / rows[0].samples_per_s:.0%}", r.epoch_wall_s,
+                       "" if r.overhead_fraction is None else f"{r.overhead_fraction:.0%}",
+                       r.startup_s, r.total_s] for r in rows]))
+    return 0
+
+
 # ----------------------------------------------------------------------------------------------
 # parser
 
@@ -282,14 +373,32 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch", type=int, default=None, help="batch size (default: eval_batch_size)")
 
     t = _command(
-        sub, "train", cmd_train, help="train through the three stages",
-        description="Train base -> experts -> joint, printing each stage's validation AUC and "
-                    "logloss, then the test metrics of the final model.",
-        example="hilomoe train studies/train_example.yaml --local --json",
+        sub, "train", cmd_train, config=False, help="train through the three stages",
+        description="Train base -> experts -> joint, printing each epoch's validation AUC and "
+                    "logloss, then the test metrics of the final model. Runs on Ray Train: "
+                    "joins the cluster at RAY_ADDRESS (or of `ray job submit`), else starts a "
+                    "local Ray. --local trains in this process without Ray.",
+        example="hilomoe train studies/train_example.yaml --workers 2 --out runs/example\n"
+                "  hilomoe train --resume runs/example\n"
+                "  hilomoe train studies/train_example.yaml --local --json",
     )
+    t.add_argument("config", nargs="?", help="training configuration (YAML)")
     t.add_argument("--local", action="store_true", help="train in this process, without Ray")
     t.add_argument("--data", metavar="DIR", help="a canonical dataset directory (overrides "
                    "the configuration's data section)")
+    t.add_argument("--workers", type=int, default=None, help="Ray Train workers (DDP ranks)")
+    t.add_argument("--gpu", action="store_true", help="one GPU per worker (bf16 autocast)")
+    t.add_argument("--out", metavar="DIR", help="run directory (default runs/CONFIG-TIME)")
+    t.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last "
+                   "checkpoint")
+    t.add_argument("--storage", metavar="URI", help="checkpoint storage (directory or URI; "
+                   "default DIR/checkpoints)")
+    t.add_argument("--compile", action="store_true", help="torch.compile the model")
+    t.add_argument("--reader", choices=["ray_data", "parquet"], default=None,
+                   help="how workers read data: Ray Data shards (default) or pyarrow over "
+                        "their own rows of the files (faster; the path must be visible to all)")
+    t.add_argument("--max-failures", type=int, default=None,
+                   help="worker-group restarts before the run fails")
 
     data_sub = _group(sub, "data", "create and convert datasets")
     d = _command(
@@ -365,14 +474,35 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--rows", type=int, default=2_000_000)
     bd.add_argument("--batch", type=int, default=8192)
     bd.add_argument("--skip-ray", action="store_true", help="leave out the Ray Data path")
+    bt = _command(
+        bench_sub, "train", cmd_bench_train, config=False,
+        help="samples/s of in-memory, Parquet and Ray Train (1 and 2 workers) training",
+        description="Train one model on one planted Parquet dataset through the in-process "
+                    "engine (tensors in memory: the ceiling; Parquet through pyarrow) and Ray "
+                    "Train with 1 and 2 workers, one after the other in this process; samples/s "
+                    "of each, per-epoch wall time, and the share of it Ray adds.",
+        example="hilomoe bench train --rows 1250000 --json",
+    )
+    bt.add_argument("--config", default="studies/train_example.yaml",
+                    help="the model and stages to train (default: the quickstart example)")
+    bt.add_argument("--rows", type=int, default=1_250_000,
+                    help="planted rows; 80%% train (default: a 1M-row train epoch)")
+    bt.add_argument("--epochs", type=int, default=1, help="epochs per stage")
+    bt.add_argument("--workers", type=int, nargs="+", default=[1, 2],
+                    help="Ray Train worker counts to measure")
+    bt.add_argument("--readers", nargs="+", choices=["ray_data", "parquet"],
+                    default=["ray_data", "parquet"], help="worker data paths to measure")
     return p
 
 
 def _check_positive(args: argparse.Namespace) -> None:
-    for key in ("batch", "dim", "experts", "top_k", "repeats", "rows", "min_count"):
+    for key in ("batch", "dim", "experts", "top_k", "repeats", "rows", "min_count", "epochs",
+                "workers"):
         value = getattr(args, key, None)
-        if value is not None and value < 1:
+        if any(v < 1 for v in (value if isinstance(value, list) else [value]) if v is not None):
             raise HilomoeError(f"--{key.replace('_', '-')}: must be a positive integer, got {value}")
+    if (getattr(args, "max_failures", None) or 0) < 0:
+        raise HilomoeError(f"--max-failures: must be zero or more, got {args.max_failures}")
     levels = getattr(args, "levels", None)
     if levels is not None and any(L < 1 for L in levels):
         raise HilomoeError(f"--levels: every level count must be at least 1, got {levels}")
@@ -385,6 +515,9 @@ def main(argv: list[str] | None = None) -> int:
     handler: Callable[[argparse.Namespace], int] = args.func
     try:
         _check_positive(args)
+        if getattr(args, "json", False):  # stdout carries exactly one JSON object
+            with contextlib.redirect_stdout(sys.stderr):
+                return handler(args)
         return handler(args)
     except HilomoeError as err:
         log.print(f"hilomoe: error: {err}", markup=False, highlight=False)

@@ -190,6 +190,42 @@ class StagesConfig(Strict):
 
 
 # ----------------------------------------------------------------------------------------------
+# distributed training (Ray Train)
+
+
+class FaultInjection(Strict):
+    """A test hook: worker `rank` kills its own process once, halfway through `epoch` of `stage`,
+    so that Ray Train's failure handling restarts the group from the last checkpoint."""
+
+    stage: StageName
+    epoch: int = Field(0, ge=0)
+    rank: int = Field(0, ge=0)
+
+
+class RayConfig(Strict):
+    """How `hilomoe train` (without --local) runs on Ray Train; command-line flags override."""
+
+    workers: int = Field(1, ge=1, le=4096, description="training workers (DDP ranks)")
+    gpu: bool = Field(False, description="one GPU per worker")
+    cpus_per_worker: float | None = Field(
+        None, gt=0.0, description="default: the cluster's CPUs, less data_cpus, shared out")
+    data_cpus: float | None = Field(
+        None, ge=1.0, description="CPUs kept free for Ray Data's read tasks (default max(1, 10%))")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto: bf16 autocast on GPUs that support it, fp32 elsewhere")
+    compile: bool = Field(False, description="torch.compile the model")
+    max_failures: int = Field(2, ge=0, description="worker-group restarts before giving up")
+    keep_checkpoints: int = Field(2, ge=1, description="best checkpoints kept, by validation AUC")
+    storage: str | None = Field(None, description="checkpoint storage: a directory or a URI")
+    shuffle_buffer: int = Field(262_144, ge=0, description="rows in each worker's shuffle buffer")
+    reader: Literal["ray_data", "parquet"] = Field(
+        "ray_data", description="ray_data: each worker streams its shard from Ray Data; "
+        "parquet: each worker reads its own rows of the files with pyarrow (every worker must "
+        "see the dataset path: one machine, a shared filesystem, or a cloud URI)")
+    fail_at: FaultInjection | None = None
+
+
+# ----------------------------------------------------------------------------------------------
 # top level
 
 
@@ -199,6 +235,7 @@ class TrainConfig(Strict):
     model: ModelConfig = ModelConfig()
     stages: StagesConfig = StagesConfig()
     eval_batch_size: int = Field(4096, ge=1)
+    ray: RayConfig = RayConfig()
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
@@ -210,7 +247,23 @@ class TrainConfig(Strict):
                 "stages.base.enabled must be true for a model without experts "
                 "(variant 'dense' or levels 0 trains only in the base stage)"
             )
+        fault = self.ray.fail_at
+        if fault and fault.rank >= self.ray.workers:
+            raise ValueError(f"ray.fail_at.rank ({fault.rank}) must be below ray.workers "
+                             f"({self.ray.workers})")
         return self
+
+    def with_overrides(self, **changes: Any) -> TrainConfig:
+        """A copy with dotted-path overrides applied and validated again, e.g.
+        `cfg.with_overrides(**{"data.path": "data/x", "ray.workers": 2})`."""
+        raw = self.model_dump(mode="json")
+        for path, value in changes.items():
+            node = raw
+            *parents, leaf = path.split(".")
+            for key in parents:
+                node = node[key]
+            node[leaf] = value
+        return parse_config(raw, "command line")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -7,6 +7,8 @@ a bounded local shuffle buffer. Memory is bounded by the buffer, never by the sp
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
@@ -71,37 +73,103 @@ def rebatch(chunks: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]], size: i
         yield from drain(final=True)
 
 
+def _unreadable(path: Path, err: Exception) -> DatasetError:
+    return DatasetError(f"{path}: not a readable Parquet file (truncated or corrupt: "
+                        f"{str(err).splitlines()[0]}).")
+
+
+def _parquet(path: Path) -> pq.ParquetFile:
+    try:
+        return pq.ParquetFile(path)
+    except (pa.ArrowInvalid, OSError) as err:
+        raise _unreadable(path, err) from None
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Rows [start, stop) of one row group of one Parquet file."""
+
+    path: Path
+    row_group: int
+    start: int
+    stop: int
+
+
+def shard_pieces(files: list[Path], rank: int = 0, world: int = 1,
+                 equal: bool = False) -> list[Piece]:
+    """This rank's contiguous share of the split's rows, as row-group pieces (metadata only).
+
+    Ranks get rows [rank*N/world, (rank+1)*N/world); with `equal` every rank gets exactly
+    N // world rows (DDP ranks must take the same number of steps), dropping at most world-1.
+    """
+    groups = []
+    for path in files:
+        md = _parquet(path).metadata
+        groups += [(path, i, md.row_group(i).num_rows) for i in range(md.num_row_groups)]
+    total = sum(g[2] for g in groups)
+    lo = rank * total // world
+    hi = lo + total // world if equal else (rank + 1) * total // world
+    pieces, offset = [], 0
+    for path, i, rows in groups:
+        start, stop = max(lo - offset, 0), min(hi - offset, rows)
+        if start < stop:
+            pieces.append(Piece(path, i, start, stop))
+        offset += rows
+    return pieces
+
+
+def _piece_rows(p: Piece) -> Iterator[pa.Table]:
+    yield _parquet(p.path).read_row_group(p.row_group).slice(p.start, p.stop - p.start)
+
+
 class ParquetBatches:
-    """A BatchSource over one split of a canonical dataset.
+    """A BatchSource over one split of a canonical dataset (or one rank's shard of it).
 
     >>> train = ParquetBatches(open_dataset("data/synth"), "train", batch_size=4096, shuffle=True)
     >>> for batch in train.epoch(0): ...
+
+    With `world` > 1 it reads only rank `rank`'s rows (see `shard_pieces`): the reader a
+    distributed worker uses when every worker can read the dataset's files directly.
     """
 
     def __init__(self, dataset: Dataset, split: str, batch_size: int, shuffle: bool = False,
-                 seed: int = 0, shuffle_buffer: int = 262_144, read_rows: int = 65_536):
+                 seed: int = 0, shuffle_buffer: int = 262_144, read_rows: int = 65_536,
+                 rank: int = 0, world: int = 1, equal: bool = False):
         self.dataset, self.split = dataset, split
         self.files = dataset.files(split)
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.shuffle_buffer, self.read_rows = shuffle_buffer, read_rows
         schema = dataset.schema
         self.num_cat, self.num_numeric = len(schema.vocab_sizes), schema.numeric
+        self.sharded = world > 1 or equal
+        self.pieces = shard_pieces(self.files, rank, world, equal) if self.sharded else []
 
     def __len__(self) -> int:
+        if self.sharded:
+            return sum(p.stop - p.start for p in self.pieces)
         return self.dataset.meta.splits[self.split].rows
 
+    def _read(self, path: Path, batches) -> Iterator[tuple[np.ndarray, ...]]:
+        """Column chunks of `batches` (a lazy iterable); read errors name the file."""
+        try:
+            for rb in batches:
+                yield columns_of(rb, self.num_cat, self.num_numeric)
+        except (pa.ArrowInvalid, OSError) as err:
+            raise _unreadable(path, err) from None
+
     def _chunks(self, rng: np.random.Generator | None) -> Iterator[tuple[np.ndarray, ...]]:
+        if self.sharded:
+            pieces = list(self.pieces)
+            if rng is not None:
+                pieces = [pieces[i] for i in rng.permutation(len(pieces))]
+            for p in pieces:
+                yield from self._read(p.path, _piece_rows(p))
+            return
         files = list(self.files)
         if rng is not None:
             files = [files[i] for i in rng.permutation(len(files))]
         for path in files:
-            try:
-                pf = pq.ParquetFile(path)
-                for rb in pf.iter_batches(batch_size=self.read_rows):
-                    yield columns_of(rb, self.num_cat, self.num_numeric)
-            except (pa.ArrowInvalid, OSError) as err:
-                raise DatasetError(f"{path}: not a readable Parquet file (truncated or corrupt: "
-                                   f"{str(err).splitlines()[0]}).") from None
+            yield from self._read(path, _parquet(path).iter_batches(batch_size=self.read_rows))
 
     def epoch(self, epoch: int = 0, batch_size: int | None = None) -> Iterator[Batch]:
         rng = np.random.default_rng([self.seed, epoch]) if self.shuffle else None

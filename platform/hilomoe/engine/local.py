@@ -62,6 +62,21 @@ def build_model(cfg: TrainConfig, schema: FeatureSchema) -> CTRModel:
     return CTRModel(schema, cfg.model)
 
 
+def summarize(result: dict, cfg: TrainConfig, data: Data, seconds: float) -> dict:
+    """The JSON-ready summary of `run_stages`' result: per-stage bests, test, cost, history."""
+    cost = model_cost(data.schema, cfg.model, batch=cfg.eval_batch_size)
+    test = result["test"]
+    return {
+        "stages": {k: v.summary() for k, v in result["stages"].items()},
+        "test": {"auc": test["auc"], "logloss": test["logloss"],
+                 "routing": {k: v for k, v in test.items() if k not in ("auc", "logloss")}},
+        "bayes": data.bayes,
+        "cost": cost.as_dict(),
+        "history": [r.as_dict() for s in result["stages"].values() for r in s.history],
+        "seconds": seconds,
+    }
+
+
 def train_local(cfg: TrainConfig, on_epoch: Callable[[EpochRecord], None] | None = None,
                 data: Data | None = None) -> dict:
     """Train through every enabled stage in this process; return a JSON-ready summary."""
@@ -70,14 +85,4 @@ def train_local(cfg: TrainConfig, on_epoch: Callable[[EpochRecord], None] | None
     engine = Engine(build_model(cfg, data.schema), cfg.stages)
     src = data.sources
     result = run_stages(engine, src["train"], src["valid"], src["test"], on_epoch)
-    cost = model_cost(data.schema, cfg.model, batch=cfg.eval_batch_size)
-    return {
-        "stages": {k: v.summary() for k, v in result["stages"].items()},
-        "test": {"auc": result["test"]["auc"], "logloss": result["test"]["logloss"],
-                 "routing": {k: v for k, v in result["test"].items()
-                             if k not in ("auc", "logloss")}},
-        "bayes": data.bayes,
-        "cost": cost.as_dict(),
-        "history": [r.as_dict() for s in result["stages"].values() for r in s.history],
-        "seconds": time.perf_counter() - t0,
-    }
+    return summarize(result, cfg, data, time.perf_counter() - t0)

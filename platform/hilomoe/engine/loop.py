@@ -13,6 +13,7 @@ gathers `predict` outputs for exact AUC, and checkpoints `state_dict()` after ea
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 from dataclasses import asdict, dataclass, field
@@ -79,16 +80,30 @@ class EpochRecord:
 
 @dataclass
 class StageResult:
+    """A stage's epochs and its best epoch (the weights the next stage starts from)."""
+
     stage: str
-    epochs: int = 0
-    auc: float = float("nan")
-    logloss: float = float("nan")
-    best_epoch: int = -1
     history: list[EpochRecord] = field(default_factory=list)
 
+    @property
+    def best(self) -> EpochRecord | None:
+        improved = [r for r in self.history if r.improved]
+        return improved[-1] if improved else None
+
     def summary(self) -> dict:
-        return {"epochs": self.epochs, "auc": self.auc, "logloss": self.logloss,
-                "best_epoch": self.best_epoch}
+        best = self.best
+        return {"epochs": len(self.history),
+                "auc": best.valid["auc"] if best else float("nan"),
+                "logloss": best.valid["logloss"] if best else float("nan"),
+                "best_epoch": best.epoch if best else -1}
+
+
+def stage_results(history: Iterable[EpochRecord]) -> dict[str, StageResult]:
+    """Group epoch records by stage, in the order the stages ran."""
+    out: dict[str, StageResult] = {}
+    for record in history:
+        out.setdefault(record.stage, StageResult(record.stage)).history.append(record)
+    return out
 
 
 @dataclass
@@ -101,22 +116,44 @@ class Predictions:
         return {"auc": auc(self.labels, self.probs), "logloss": logloss(self.labels, self.probs),
                 **self.routing.summary()}
 
+    @staticmethod
+    def concat(parts: list[Predictions]) -> Predictions:
+        """Every worker's predictions as one: exact metrics over the whole split."""
+        routing = RoutingStats()
+        for p in parts:
+            routing.merge(p.routing)
+        return Predictions(np.concatenate([p.labels for p in parts]),
+                           np.concatenate([p.probs for p in parts]), routing)
+
 
 class Engine:
     """Trains one CTRModel through the stages of `stages`; holds optimizer and stopping state."""
 
     def __init__(self, model: CTRModel, stages: StagesConfig, device: str | torch.device = "cpu",
-                 wrap: Callable[[nn.Module], nn.Module] | None = None):
+                 wrap: Callable[[nn.Module], nn.Module] | None = None,
+                 gather: Callable[[Predictions], Predictions] | None = None,
+                 autocast: torch.dtype | None = None, keep_stage_models: bool = False):
+        """`wrap` wraps the model for training after each stage sets what trains (DDP, compile);
+        `gather` combines this process's predictions with other workers' before metrics are
+        computed; `autocast` is a lower-precision dtype (bf16) for forward passes;
+        `keep_stage_models` keeps each finished stage's best weights in `stage_models` (and in
+        the state dict), for checkpoints that outlive the stage."""
         self.model = model.to(device)
         self.stages = stages
         self.device = torch.device(device)
         self.wrap = wrap or (lambda m: m)
+        self.gather = gather or (lambda p: p)
+        self.autocast = autocast
         self.module: nn.Module = self.model
         self.setup: StageSetup | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.stopper: EarlyStopping | None = None
         self.best_state: dict | None = None
         self.completed: list[StageName] = []
+        self.next_epoch = 0  # of the current stage: where a resumed engine continues
+        self.history: list[EpochRecord] = []
+        self.keep_stage_models = keep_stage_models
+        self.stage_models: dict[str, dict] = {}
 
     # -- stages ------------------------------------------------------------------------------
 
@@ -131,6 +168,11 @@ class Engine:
         self.optimizer = make_optimizer(self.setup)
         self.stopper = EarlyStopping(cfg.patience, cfg.min_delta)
         self.best_state = None
+        self.next_epoch = 0
+
+    def in_progress(self, name: StageName) -> bool:
+        """True when `name` was started (e.g. restored from a checkpoint) and is not finished."""
+        return self.setup is not None and self.setup.name == name and name not in self.completed
 
     def end_epoch(self, valid_auc: float, epoch: int) -> bool:
         """Early-stopping bookkeeping; keeps a copy of the best weights. True if improved."""
@@ -143,14 +185,22 @@ class Engine:
         """Restore the stage's best weights: the next stage starts from them."""
         if self.best_state is not None:
             self.model.load_state_dict(self.best_state)
+        if self.keep_stage_models:
+            self.stage_models[self.setup.name.value] = copy.deepcopy(self.model.state_dict())
         self.completed.append(self.setup.name)
 
     # -- steps and epochs --------------------------------------------------------------------
 
+    def _precision(self):
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast)
+
     def train_step(self, batch: Batch) -> dict[str, float]:
         batch = batch.to(self.device)
         self.module.train()
-        logit, routings = self.module(batch.cat, batch.num)
+        with self._precision():
+            logit, routings = self.module(batch.cat, batch.num)
         aux = self.setup.config.aux
         keys = [layer.keys() for layer in self.model.moe_layers()] if routings and aux.diversity else []
         loss, parts = objective(logit, batch.label, routings, keys, aux)
@@ -177,32 +227,47 @@ class Engine:
 
     @torch.no_grad()
     def predict(self, batches: Iterable[Batch]) -> Predictions:
-        self.module.eval()
+        """This process's predictions. Runs the bare model, not the DDP wrapper: workers may
+        hold different numbers of evaluation batches, and DDP's forward would wait on the
+        others."""
+        self.model.eval()
         labels, probs, routing = [], [], RoutingStats()
         for batch in batches:
             batch = batch.to(self.device)
-            logit, routings = self.module(batch.cat, batch.num)
+            with self._precision():
+                logit, routings = self.model(batch.cat, batch.num)
             labels.append(batch.label.cpu().numpy())
             probs.append(torch.sigmoid(logit.float()).cpu().numpy())
             routing.add(routings)
+        if not labels:  # a worker whose shard of the split is empty
+            return Predictions(np.zeros(0, np.float32), np.zeros(0, np.float32), routing)
         return Predictions(np.concatenate(labels), np.concatenate(probs), routing)
 
     def evaluate(self, batches: Iterable[Batch]) -> dict[str, float]:
-        return self.predict(batches).metrics()
+        """Metrics over every worker's predictions (exact AUC, not a mean of per-worker AUCs)."""
+        return self.gather(self.predict(batches)).metrics()
 
     def fit_stage(self, name: StageName, train: BatchSource,
                   valid: BatchSource) -> Iterator[EpochRecord]:
-        """Run one stage to its epoch budget or early stop, yielding each epoch's record."""
-        self.start_stage(name)
-        for epoch in range(self.setup.config.epochs):
+        """Run one stage to its epoch budget or early stop, yielding each epoch's record.
+
+        A stage restored mid-way from a checkpoint continues at its next epoch. Each record is
+        yielded after the engine's state includes that epoch, so the consumer can checkpoint it.
+        """
+        if not self.in_progress(name):
+            self.start_stage(name)
+        for epoch in range(self.next_epoch, self.setup.config.epochs):
+            if self.stopper.should_stop:
+                break
             t0 = time.perf_counter()
             losses, n = self.train_epoch(train.epoch(epoch, self.setup.config.batch_size))
             seconds = time.perf_counter() - t0
             metrics = self.evaluate(valid.epoch(0))
             improved = self.end_epoch(metrics["auc"], epoch)
-            yield EpochRecord(name.value, epoch, losses, metrics, n, seconds, improved)
-            if self.stopper.should_stop:
-                break
+            record = EpochRecord(name.value, epoch, losses, metrics, n, seconds, improved)
+            self.history.append(record)
+            self.next_epoch = epoch + 1
+            yield record
         self.finish_stage()
 
     # -- checkpoints -------------------------------------------------------------------------
@@ -215,33 +280,37 @@ class Engine:
             "stopper": asdict(self.stopper) if self.stopper else None,
             "best_state": self.best_state,
             "completed": [s.value for s in self.completed],
+            "next_epoch": self.next_epoch,
+            "history": [asdict(r) for r in self.history],
+            "stage_models": self.stage_models,
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.completed = [StageName(s) for s in state["completed"]]
+        self.history = [EpochRecord(**r) for r in state.get("history", [])]
+        self.stage_models = state.get("stage_models", {})
         if state["stage"] is not None:
             self.start_stage(StageName(state["stage"]))
             if state["optimizer"] is not None:
                 self.optimizer.load_state_dict(state["optimizer"])
             self.stopper = EarlyStopping(**state["stopper"])
             self.best_state = state["best_state"]
+            self.next_epoch = state.get("next_epoch", 0)
 
 
 def run_stages(engine: Engine, train: BatchSource, valid: BatchSource, test: BatchSource,
                on_epoch: Callable[[EpochRecord], None] | None = None) -> dict:
-    """Every planned stage in order, then test metrics of the final model."""
-    results: dict[str, StageResult] = {}
+    """Every planned stage not yet completed, in order, then test metrics of the final model.
+
+    A restored engine skips its finished stages and continues its current one, so the same call
+    serves a fresh run and a resumed one; the stage results cover every epoch exactly once.
+    """
     for name in engine.plan():
-        result = results[name.value] = StageResult(name.value)
+        if name in engine.completed:
+            continue
         for record in engine.fit_stage(name, train, valid):
-            result.history.append(record)
             if on_epoch:
                 on_epoch(record)
-        result.epochs = len(result.history)
-        best = engine.stopper
-        result.best_epoch = best.best_epoch
-        best_record = result.history[best.best_epoch]
-        result.auc, result.logloss = best_record.valid["auc"], best_record.valid["logloss"]
     test_metrics = engine.evaluate(test.epoch(0))
-    return {"stages": results, "test": test_metrics}
+    return {"stages": stage_results(engine.history), "test": test_metrics}

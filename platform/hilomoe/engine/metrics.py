@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections import defaultdict
 
 import numpy as np
 import torch
@@ -46,7 +45,7 @@ class RoutingStats:
 
     def __init__(self) -> None:
         self.counts: dict[int, torch.Tensor] = {}  # layer -> (L, K) selections
-        self.entropy: dict[int, torch.Tensor] = defaultdict(lambda: 0.0)  # layer -> (L,) sums
+        self.entropy: dict[int, torch.Tensor] = {}  # layer -> (L,) sums
         self.samples = 0
         self.paths: list[float] = []
 
@@ -65,10 +64,20 @@ class RoutingStats:
             self.counts[i] = self.counts[i] + counts if i in self.counts else counts
             p = r.probs.double()
             ent = -(p * p.clamp_min(1e-30).log()).sum(-1).sum(0).cpu()  # (L,)
-            self.entropy[i] = self.entropy[i] + ent
+            self.entropy[i] = self.entropy[i] + ent if i in self.entropy else ent
             path = r.topk.sort(dim=-1).values.flatten(1)  # (B, L*k)
             batch_paths.append(torch.unique(path, dim=0).shape[0])
         self.paths.append(float(np.mean(batch_paths)))
+
+    def merge(self, other: RoutingStats) -> RoutingStats:
+        """Fold in another worker's statistics (sums add; per-batch path counts concatenate)."""
+        for i, c in other.counts.items():
+            self.counts[i] = self.counts[i] + c if i in self.counts else c.clone()
+        for i, e in other.entropy.items():
+            self.entropy[i] = self.entropy[i] + e if i in self.entropy else e.clone()
+        self.samples += other.samples
+        self.paths += other.paths
+        return self
 
     def summary(self) -> dict[str, float]:
         if not self.counts:

@@ -1,0 +1,24 @@
+"""Helpers shared by test modules: the `hilomoe` command in a real subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+
+def hilomoe(*args: str, check: bool = True, env: dict | None = None,
+            timeout: float = 900) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "hilomoe", *args], capture_output=True,
+                          text=True, timeout=timeout,
+                          env={**os.environ, "COLUMNS": "120", **(env or {})})
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def one_json(stdout: str) -> dict:
+    lines = [line for line in stdout.splitlines() if line.strip()]
+    assert len(lines) == 1, stdout
+    return json.loads(lines[0])

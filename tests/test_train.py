@@ -1,0 +1,270 @@
+"""Distributed training on Ray Train: exact distributed metrics, restarts, resume, job submit.
+
+The worker plan and bad-input tests need no Ray. The rest run real Ray Train runs, on the
+session's local Ray (in-process driver) or on Ray instances the test starts and stops itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+import yaml
+
+from helpers import hilomoe, one_json
+from hilomoe.config import RayConfig, parse_config
+from hilomoe.data.dataset import open_dataset
+from hilomoe.data.readers import ParquetBatches
+from hilomoe.engine.local import build_model
+from hilomoe.engine.loop import Engine
+from hilomoe.model import RoutingMode
+from hilomoe.train import ResourceError, plan_workers
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY = {
+    "seed": 3,
+    "data": {"synth": {"rows": 12_000, "categorical_fields": 4, "vocab_size": 12,
+                       "numeric_fields": 2, "depth": 2, "branching": 3, "seed": 5}},
+    "model": {"embedding_dim": 4, "backbone": {"mlp": [8], "cross_layers": 1},
+              "moe": {"levels": 2, "experts": 4, "top_k": 2}},
+    "stages": {"base": {"epochs": 2, "lr": 0.01, "batch_size": 256},
+               "experts": {"epochs": 2, "lr": 0.01, "batch_size": 256},
+               "joint": {"epochs": 1, "lr": 0.005, "batch_size": 256}},
+    "eval_batch_size": 1024,
+}
+
+
+def tiny(**ray) -> dict:
+    return {**TINY, "ray": ray}
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path_factory, monkeypatch):
+    """Synthetic datasets are cached per spec; keep the cache inside the test session."""
+    monkeypatch.setenv("HILOMOE_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+# ----------------------------------------------------------------------------------------------
+# worker plans and bad input (no Ray)
+
+
+def test_two_workers_on_two_cores_leave_a_cpu_for_ray_data():
+    plan = plan_workers(RayConfig(workers=2), {"CPU": 2.0})
+    assert plan.cpus_per_worker == 0.5 and plan.data_cpus == 1.0
+    assert plan.workers * plan.cpus_per_worker + plan.data_cpus <= 2.0
+    assert plan.torch_threads == 1
+    big = plan_workers(RayConfig(workers=4, gpu=True), {"CPU": 64.0, "GPU": 4.0})
+    assert big.data_cpus == 6.0 and big.cpus_per_worker == 14.5 and big.gpus_per_worker == 1
+    assert big.resources() == {"CPU": 14.5, "GPU": 1.0}
+
+
+@pytest.mark.parametrize("settings, cluster, fragment", [
+    (RayConfig(workers=2, cpus_per_worker=1.0), {"CPU": 2.0},
+     "2 worker(s) x 1 CPU need 2 CPUs, but the Ray cluster has 2 and 1 stay free"),
+    (RayConfig(workers=20), {"CPU": 2.0}, "use at most 10 worker(s)"),
+    (RayConfig(workers=2, gpu=True), {"CPU": 8.0}, "the Ray cluster has 0 GPU(s)"),
+])
+def test_requests_that_cannot_fit_are_refused_in_one_sentence(settings, cluster, fragment):
+    with pytest.raises(ResourceError, match=None) as err:
+        plan_workers(settings, cluster)
+    assert fragment in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("change, fragment", [
+    ({"model": {"moe": {"experts": 4, "top_k": 5}}}, "top_k (5) must be at most experts (4)"),
+    ({"model": {"moe": {"rank": 0}}}, "model.moe.rank: Input should be greater than or equal to 1"),
+    ({"ray": {"workerz": 2}}, "ray.workerz: unknown key"),
+    ({"ray": {"workers": 2, "fail_at": {"stage": "joint", "rank": 2}}},
+     "ray.fail_at.rank (2) must be below ray.workers (2)"),
+    ({"data": {"path": "/no/such/dataset"}}, "/no/such/dataset"),
+])
+def test_bad_configuration_is_rejected_before_ray_starts(tmp_path, change, fragment):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(yaml.safe_dump({**TINY, **change}))
+    proc = hilomoe("train", str(cfg), "--out", str(tmp_path / "run"), check=False, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert fragment in proc.stderr
+    assert "Traceback" not in proc.stderr and "Ray Train:" not in proc.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# Ray Train runs (slow)
+
+
+def _run(tmp_path: Path, raw: dict, name: str = "run"):
+    from hilomoe.train import TrainRun, train_ray
+
+    events: list[dict] = []
+    cfg = parse_config(raw, "test")
+    summary = train_ray(TrainRun.create(cfg, tmp_path / name), events.append)
+    return summary, [e for e in events if e["kind"] == "epoch"]
+
+
+def _epochs(history: list[dict]) -> list[tuple[str, int]]:
+    return [(h["stage"], h["epoch"]) for h in history]
+
+
+EXPECTED = [("base", 0), ("base", 1), ("experts", 0), ("experts", 1), ("joint", 0)]
+
+
+@pytest.mark.slow
+def test_two_workers_report_exact_metrics_equal_to_one_process(ray_local, tmp_path):
+    summary, events = _run(tmp_path, tiny(workers=2))
+    assert summary["workers"] == 2 and summary["plan"]["cpus_per_worker"] == 0.5
+    assert _epochs(summary["history"]) == EXPECTED == [(e["stage"], e["epoch"]) for e in events]
+    for e in events:  # every epoch reports the loss, its parts, validation and routing figures
+        for key in ("train_loss", "train_task", "valid_auc", "valid_logloss", "samples_per_s",
+                    "elapsed_s", "epoch_seconds"):
+            assert key in e, key
+        if e["stage"] != "base":
+            assert {"train_balance", "valid_level1_utilisation", "valid_level2_entropy",
+                    "valid_paths"} <= set(e)
+    # the final model, evaluated in one process over the whole test split
+    out = Path(summary["out_dir"])
+    cfg = parse_config(json.loads((out / "run.json").read_text())["config"], "run.json")
+    ds = open_dataset(json.loads((out / "run.json").read_text())["dataset"])
+    model = build_model(cfg, ds.schema)
+    model.load_state_dict(torch.load(out / "model.pt"))
+    model.set_routing(RoutingMode.SPARSE)  # the joint stage's routing
+    single = Engine(model, cfg.stages).evaluate(ParquetBatches(ds, "test", 999).epoch(0))
+    assert summary["test"]["auc"] == pytest.approx(single["auc"], abs=1e-9)
+    assert summary["test"]["logloss"] == pytest.approx(single["logloss"], rel=1e-6)
+    assert 0.5 < single["auc"] < 1.0
+    # each stage's best weights, and Ray's checkpoints, are in the run directory
+    assert sorted(p.name for p in (out / "models").iterdir()) == ["base.pt", "experts.pt",
+                                                                   "joint.pt"]
+    assert json.loads((out / "result.json").read_text())["test"] == summary["test"]
+
+
+@pytest.mark.slow
+def test_a_killed_worker_restarts_from_the_last_checkpoint(ray_local, tmp_path):
+    fault = {"stage": "experts", "epoch": 1, "rank": 1}
+    summary, events = _run(tmp_path, tiny(workers=2, max_failures=1, fail_at=fault))
+    assert (Path(summary["out_dir"]) / ".fault-injected").read_text().split() == ["experts", "1",
+                                                                                  "1"]
+    # every epoch exactly once in the final report, and no finished stage ran again
+    assert _epochs(summary["history"]) == EXPECTED
+    seen = [(e["stage"], e["epoch"]) for e in events]
+    assert seen[:3] == EXPECTED[:3]
+    after = seen[seen.index(("experts", 0)) + 1:]
+    assert ("base", 0) not in after and ("base", 1) not in after
+    assert after[-2:] == [("experts", 1), ("joint", 0)]
+
+
+@pytest.mark.slow
+def test_one_seeded_worker_is_bit_reproducible(ray_local, tmp_path):
+    raw = tiny(workers=1)
+    raw["stages"] = {**TINY["stages"], "experts": {**TINY["stages"]["experts"], "epochs": 1}}
+    a, _ = _run(tmp_path, raw, "a")
+    b, _ = _run(tmp_path, raw, "b")
+    strip = ("seconds", "samples_per_s")
+    for ha, hb in zip(a["history"], b["history"], strict=True):
+        assert {k: v for k, v in ha.items() if k not in strip} == \
+               {k: v for k, v in hb.items() if k not in strip}
+    wa = torch.load(Path(a["out_dir"]) / "model.pt")
+    wb = torch.load(Path(b["out_dir"]) / "model.pt")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def _descendants_and_self(proc: subprocess.Popen) -> list[psutil.Process]:
+    root = psutil.Process(proc.pid)
+    return [root, *root.children(recursive=True)]
+
+
+@pytest.mark.slow
+def test_a_killed_driver_resumes_from_its_last_checkpoint(tmp_path):
+    """The driver (with the local Ray it started) is killed mid-run; --resume finishes it."""
+    raw = tiny(workers=1)
+    raw["stages"] = {**TINY["stages"], "base": {**TINY["stages"]["base"], "epochs": 4}}
+    cfg, out = tmp_path / "cfg.yaml", tmp_path / "run"
+    cfg.write_text(yaml.safe_dump(raw))
+    env = {**os.environ, "HILOMOE_CACHE": os.environ["HILOMOE_CACHE"]}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen([sys.executable, "-m", "hilomoe", "train", str(cfg), "--out",
+                             str(out)], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 400
+        while time.time() < deadline and proc.poll() is None:
+            ckpts = list((out / "checkpoints").glob("*/checkpoint_*"))
+            if len(ckpts) >= 2:
+                break
+            time.sleep(0.5)
+        assert proc.poll() is None, proc.stderr.read()
+        assert len(ckpts) >= 2, "no checkpoint before the deadline"
+    finally:
+        family = _descendants_and_self(proc)  # only what this test started
+        for p in family:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(family, timeout=30)
+    assert not (out / "result.json").exists()
+    res = hilomoe("train", "--resume", str(out), "--json", env=env)
+    result = one_json(res.stdout)
+    assert "resuming" in res.stderr
+    expected = [("base", e) for e in range(4)] + EXPECTED[2:]
+    assert _epochs(result["history"]) == expected
+    # it continued: the resumed driver printed only the epochs after the last checkpoint
+    printed = [line for line in res.stderr.splitlines() if "epoch" in line and "valid auc" in line]
+    assert 0 < len(printed) < len(expected)
+    assert result["out_dir"] == str(out.resolve()) and result["workers"] == 1
+
+
+@pytest.fixture
+def loopback_cluster(monkeypatch):
+    """infra/local_cluster.py: a head with its job server and one worker node, on 127.0.0.1,
+    with a token of its own; stopped through its PID only."""
+    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    proc = subprocess.Popen([sys.executable, str(REPO / "infra" / "local_cluster.py"),
+                             "--workers", "1", "--cpus", "1", "--head-cpus", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line, "the local cluster did not start"
+        yield json.loads(line)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            for p in _descendants_and_self(proc):
+                p.kill()
+
+
+@pytest.mark.slow
+def test_ray_job_submit_to_a_two_node_loopback_cluster(loopback_cluster, tmp_path):
+    """`ray job submit --working-dir . -- python -m hilomoe train ...` against a real head with
+    its job server and a second node: the job joins that cluster (RAY_ADDRESS is set for it)."""
+    cluster = loopback_cluster
+    assert cluster["nodes"] == 2
+    cfg, out = tmp_path / "cfg.yaml", tmp_path / "job-run"
+    cfg.write_text(yaml.safe_dump(tiny(workers=2)))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update({k: v for k, v in cluster["env"].items() if k != "RAY_ADDRESS"})
+    submit = ["ray", "job", "submit", "--address", cluster["dashboard"], "--working-dir",
+              str(REPO), "--", "python", "-m", "hilomoe", "train", str(cfg), "--out", str(out),
+              "--json"]
+    for _ in range(60):  # the head's job agent comes up a few seconds after the head
+        proc = subprocess.run(submit, capture_output=True, text=True, timeout=600, env=env,
+                              cwd=REPO)
+        if "No available agent to submit job" not in proc.stderr + proc.stdout:
+            break
+        time.sleep(1)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "succeeded" in proc.stdout
+    result = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
+    assert result["workers"] == 2 and _epochs(result["history"]) == EXPECTED
+    assert result["plan"]["cpus_per_worker"] == 0.5  # sized from the cluster it joined
+    assert json.loads((out / "result.json").read_text())["test"] == result["test"]
