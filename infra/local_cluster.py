@@ -50,14 +50,19 @@ def main(argv: list[str] | None = None) -> int:
     from ray.cluster_utils import Cluster
 
     port = args.dashboard_port or free_port()
+    def ports() -> dict:
+        # every node's agents on free ports: the defaults (52365, ...) clash with any other
+        # Ray on this machine, and a head whose agent cannot bind accepts no jobs
+        return {"dashboard_agent_listen_port": free_port(), "metrics_export_port": free_port()}
+
     cluster = Cluster(initialize_head=True, connect=False, head_node_args={
         "num_cpus": args.head_cpus, "include_dashboard": True, "dashboard_host": "127.0.0.1",
-        "dashboard_port": port})
+        "dashboard_port": port, **ports()})
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        nodes = [cluster.add_node(num_cpus=args.cpus, num_gpus=args.gpus)
+        nodes = [cluster.add_node(num_cpus=args.cpus, num_gpus=args.gpus, **ports())
                  for _ in range(args.workers)]
         cluster.wait_for_nodes()
         dashboard = f"http://127.0.0.1:{port}"

@@ -256,7 +256,7 @@ def test_ray_job_submit_to_a_two_node_loopback_cluster(loopback_cluster, tmp_pat
     submit = ["ray", "job", "submit", "--address", cluster["dashboard"], "--working-dir",
               str(REPO), "--", "python", "-m", "hilomoe", "train", str(cfg), "--out", str(out),
               "--json"]
-    for _ in range(60):  # the head's job agent comes up a few seconds after the head
+    for _ in range(30):  # the head's job agent comes up a few seconds after the head
         proc = subprocess.run(submit, capture_output=True, text=True, timeout=600, env=env,
                               cwd=REPO)
         if "No available agent to submit job" not in proc.stderr + proc.stdout:

@@ -312,7 +312,14 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
 
     log.print(f"benchmarking the training paths on {args.rows:,} planted rows ...")
     rows = train.run(config=args.config, rows=args.rows, epochs=args.epochs,
-                     workers=tuple(args.workers), readers=tuple(args.readers))
+                     workers=tuple(args.workers), readers=tuple(args.readers),
+                     device=args.device, batch=args.batch)
+    if args.device != "cpu" and not args.json:
+        r = rows[0]
+        out.print(f"{r.gpu}: {r.samples_per_s:,.0f} samples/s (batch "
+                  f"{args.batch or 'as configured'}, bf16), "
+                  f"{(r.gpu_peak_fraction or 0):.2%} of the bf16 peak", highlight=False)
+        return 0
     if args.json:
         _emit_json(train.as_json(rows))
         return 0
@@ -490,6 +497,9 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--epochs", type=int, default=1, help="epochs per stage")
     bt.add_argument("--workers", type=int, nargs="+", default=[1, 2],
                     help="Ray Train worker counts to measure")
+    bt.add_argument("--device", default="cpu", help="cuda: the in-memory ceiling on the GPU "
+                    "and its fraction of peak FLOP/s (no Ray rows)")
+    bt.add_argument("--batch", type=int, default=None, help="batch size (default: the config's)")
     bt.add_argument("--readers", nargs="+", choices=["ray_data", "parquet"],
                     default=["ray_data", "parquet"], help="worker data paths to measure")
     return p

@@ -39,6 +39,8 @@ class Row:
     startup_s: float
     total_s: float
     overhead_fraction: float | None = None
+    gpu: str | None = None
+    gpu_peak_fraction: float | None = None
 
     @property
     def samples_per_s(self) -> float:
@@ -48,12 +50,15 @@ class Row:
         return {**asdict(self), "samples_per_s": self.samples_per_s}
 
 
-def bench_config(base: TrainConfig, dataset: Path, epochs: int) -> TrainConfig:
+def bench_config(base: TrainConfig, dataset: Path, epochs: int,
+                 batch: int | None = None) -> TrainConfig:
     """The quickstart model on `dataset`, `epochs` epochs per stage, no early stop."""
     over = {"data.path": str(dataset)}
     for stage in ("base", "experts", "joint"):
         over[f"stages.{stage}.epochs"] = epochs
         over[f"stages.{stage}.patience"] = epochs
+        if batch:
+            over[f"stages.{stage}.batch_size"] = batch
     return base.with_overrides(**over)
 
 
@@ -98,21 +103,47 @@ class _Clock:
                    (self.first_start or self.t0) - self.t0, time.perf_counter() - self.t0)
 
 
+# dense bf16 tensor-core peaks (FLOP/s), for the fraction of peak a GPU run reaches
+GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
+
+
+def gpu_row(cfg: TrainConfig, ds: Dataset, device: str) -> Row:
+    """The in-memory ceiling on a GPU (tensors resident on it, bf16 autocast), with the
+    fraction of the card's bf16 peak that training FLOPs (3 x forward) reach."""
+    import torch
+
+    from hilomoe.model.flops import model_cost
+
+    sources = memory_sources(ds, cfg)
+    for src in sources.values():
+        src.cat, src.num, src.label = (t.to(device) for t in (src.cat, src.num, src.label))
+    clock = _Clock()
+    summary = train_local(cfg, clock, Data(ds.schema, sources), device=device,
+                          autocast=torch.bfloat16)
+    row = clock.row(f"memory_{device}", summary)
+    flops = model_cost(ds.schema, cfg.model, batch=cfg.stages.base.batch_size).flops
+    name = torch.cuda.get_device_name()
+    peak = next((v for k, v in GPU_PEAK_BF16.items() if k in name), None)
+    row.gpu = name
+    row.gpu_peak_fraction = 3 * flops * row.samples_per_s / peak if peak else None
+    return row
+
+
 def run(config: str = "studies/train_example.yaml", rows: int = 1_250_000, epochs: int = 1,
         workers: tuple[int, ...] = (1, 2), readers: tuple[str, ...] = ("ray_data", "parquet"),
-        workdir: str | None = None) -> list[Row]:
+        workdir: str | None = None, device: str = "cpu", batch: int | None = None) -> list[Row]:
     from hilomoe.config import PlantedData
     from hilomoe.data.synth import write_synth
-    from hilomoe.train import TrainRun, train_ray
-    from hilomoe.train.driver import connect_ray
 
     base = load_config(config)
     with tempfile.TemporaryDirectory(prefix="hilomoe-bench-train-", dir=workdir) as tmp:
         spec = base.data.synth.model_copy(update={"rows": rows, "valid_fraction": 0.1,
                                                   "test_fraction": 0.1})
         write_synth(PlantedData(**spec.model_dump()), Path(tmp) / "data")
-        cfg = bench_config(base, Path(tmp) / "data", epochs)
+        cfg = bench_config(base, Path(tmp) / "data", epochs, batch)
         ds = open_dataset(cfg.data.path)
+        if device != "cpu":  # a GPU: its in-memory ceiling only (Ray Train runs the same loop)
+            return [gpu_row(cfg, ds, device)]
         memory = memory_sources(ds, cfg)
 
         def local(mode: str, sources) -> Row:
@@ -121,6 +152,9 @@ def run(config: str = "studies/train_example.yaml", rows: int = 1_250_000, epoch
 
         results = [local("memory_ceiling", memory), local("local_parquet", parquet_sources(ds, cfg))]
         import ray
+
+        from hilomoe.train import TrainRun, train_ray
+        from hilomoe.train.driver import connect_ray
 
         started = connect_ray()
         try:

@@ -78,11 +78,12 @@ def summarize(result: dict, cfg: TrainConfig, data: Data, seconds: float) -> dic
 
 
 def train_local(cfg: TrainConfig, on_epoch: Callable[[EpochRecord], None] | None = None,
-                data: Data | None = None) -> dict:
+                data: Data | None = None, device: str = "cpu",
+                autocast: torch.dtype | None = None) -> dict:
     """Train through every enabled stage in this process; return a JSON-ready summary."""
     t0 = time.perf_counter()
     data = data or load_data(cfg)
-    engine = Engine(build_model(cfg, data.schema), cfg.stages)
+    engine = Engine(build_model(cfg, data.schema), cfg.stages, device, autocast=autocast)
     src = data.sources
     result = run_stages(engine, src["train"], src["valid"], src["test"], on_epoch)
     return summarize(result, cfg, data, time.perf_counter() - t0)
