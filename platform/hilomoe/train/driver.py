@@ -278,7 +278,7 @@ def _collect(run: TrainRun, result, plan: WorkerPlan) -> dict:
         torch.save(weights, out / "models" / f"{stage}.pt")
     summary.update(out_dir=run.out_dir, workers=plan.workers, plan=plan.as_dict(),
                    checkpoint=result.checkpoint.path, storage=run.storage, run_name=run.name)
-    tmp = out / f".{'result.json'}.tmp"
+    tmp = out / ".result.json.tmp"  # written aside, renamed: never a half-written result
     tmp.write_text(json.dumps(summary, indent=2, default=_jsonable))
     tmp.replace(out / "result.json")
     return summary

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -148,7 +149,11 @@ def train_loop(job_dict: dict) -> None:
                           Path(job.run_dir) / ".fault-injected")
     valid, test = shard("valid", False), shard("test", False)
     plan_names = [s.value for s in engine.plan()]
-    t0 = _elapsed_origin(engine)
+    # training seconds before a restart (from the restored history), plus this process's
+    start, before = time.perf_counter(), sum(r.seconds for r in engine.history)
+
+    def elapsed() -> float:
+        return before + time.perf_counter() - start
 
     def report(metrics: dict, files: dict[str, Any]) -> None:
         # every rank reports the same number of times; only rank 0 carries a checkpoint
@@ -164,8 +169,7 @@ def train_loop(job_dict: dict) -> None:
             ray.train.report(metrics, checkpoint=ckpt)
 
     def on_epoch(record: EpochRecord) -> None:
-        metrics = epoch_metrics(record, world, plan_names.index(record.stage),
-                                t0 + _clock())
+        metrics = epoch_metrics(record, world, plan_names.index(record.stage), elapsed())
         report(metrics, {STATE_FILE: engine.state_dict()})
         if rank == 0 and job.progress is not None:
             _put(job.progress, {"kind": "epoch", **metrics, "valid": record.valid,
@@ -173,32 +177,13 @@ def train_loop(job_dict: dict) -> None:
 
     result = run_stages(engine, train, valid, test, on_epoch)
     data = Data(dataset.schema, {}, dataset.meta.extra.get("bayes"))
-    summary = summarize(result, cfg, data, t0 + _clock())
+    summary = summarize(result, cfg, data, elapsed())
     summary["history"] = [{**h, "samples": h["samples"] * world,
                            "samples_per_s": h["samples_per_s"] * world}
                           for h in summary["history"]]
     report({"final": True, "score": FINAL_SCORE, "test_auc": summary["test"]["auc"],
             "test_logloss": summary["test"]["logloss"]},
            {STATE_FILE: engine.state_dict(), SUMMARY_FILE: summary})
-
-
-_START = None
-
-
-def _clock() -> float:
-    """Seconds since this worker process started training."""
-    import time
-
-    global _START
-    if _START is None:
-        _START = time.perf_counter()
-    return time.perf_counter() - _START
-
-
-def _elapsed_origin(engine: Engine) -> float:
-    """Training seconds already spent before a restart (from the restored history)."""
-    _clock()
-    return sum(r.seconds for r in engine.history)
 
 
 def _put(queue, item: dict) -> None:
