@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import psutil
+
 
 def hilomoe(*args: str, check: bool = True, env: dict | None = None,
             timeout: float = 900) -> subprocess.CompletedProcess:
@@ -22,3 +24,19 @@ def one_json(stdout: str) -> dict:
     lines = [line for line in stdout.splitlines() if line.strip()]
     assert len(lines) == 1, stdout
     return json.loads(lines[0])
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """Kill a process this test started and everything it started (a driver and its local Ray),
+    by PID: nothing else on the machine."""
+    try:
+        root = psutil.Process(proc.pid)
+        family = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for p in family:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(family, timeout=30)

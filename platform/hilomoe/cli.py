@@ -334,6 +334,136 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
+# studies
+
+
+def cmd_study_run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from hilomoe.study.console import TrialTable
+    from hilomoe.study.driver import run_study
+    from hilomoe.study.space import SearchSpace
+    from hilomoe.study.spec import load_study, parse_study
+
+    spec = load_study(args.study)
+    budget = {"trials": args.trials, "concurrency": args.concurrency}
+    budget = {k: v for k, v in budget.items() if v is not None}
+    if budget:
+        raw = spec.model_dump(mode="json")
+        raw["budget"].update(budget)
+        spec = parse_study(raw, "command line")
+    study_dir = Path(args.out or Path("runs") / spec.name)
+    console = None if args.json else TrialTable(SearchSpace(spec).labels(), spec.budget.trials)
+    if not args.json:
+        log.print(f"study {spec.name}: {spec.budget.trials} trials, {spec.budget.concurrency} at "
+                  f"a time, objectives {', '.join(f'{o.mode} {o.metric}' for o in spec.objectives)}"
+                  f"; results in {study_dir}", highlight=False)
+    summary = run_study(spec, study_dir, resume=args.resume, console=console,
+                        cache=not args.no_cache)
+    if args.json:
+        _emit_json(summary)
+        return 0
+    _print_study(summary)
+    return 0
+
+
+def _print_study(summary: dict) -> None:
+    best = summary["best"]
+    c = summary["counts"]
+    out.print(f"{c['completed']} trials completed, {c['pruned']} pruned, {c['failed']} failed; "
+              f"stage 1 reused by {summary['stage1_reused']} (saved "
+              f"{_duration(summary['stage1_saved_s'])} of training)", highlight=False)
+    if best:
+        m = best["metrics"]
+        params = ", ".join(f"{k}={v}" for k, v in best["params"].items())
+        out.print(f"best trial {best['trial_id']}: valid auc {m['valid_auc']:.4f}, test auc "
+                  f"{m['test_auc']:.4f}, {m['flops']:,.0f} FLOPs/sample ({params})",
+                  highlight=False)
+    out.print(_table("Pareto set (validation AUC vs FLOPs per sample)",
+                     ["variant", "trial", "auc", "FLOPs"],
+                     [[p["variant"], p["trial_id"], p["auc"], p["flops"]]
+                      for p in summary["pareto"]]))
+    out.print(f"report: {summary['report']}\nbrowse every trial: hilomoe ui   (MLflow "
+              f"experiment {summary['mlflow_experiment']!r} at {summary['tracking_uri']})",
+              highlight=False)
+
+
+def cmd_study_report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from hilomoe.study.report import write_report
+    from hilomoe.study.records import load_records
+
+    target = Path(args.target)
+    parent = None
+    if (target / "study.json").is_file() or (target / "trials").is_dir():
+        records, title = load_records(target), target.name
+        out_dir = Path(args.out or target / "report")
+    elif target.exists():
+        raise HilomoeError(f"{target}: not a study directory (no study.json); give the --out "
+                           f"directory of `hilomoe study run`, or an MLflow experiment name.")
+    else:
+        from hilomoe.study.tracking import load_records as mlflow_records
+
+        records, parent = mlflow_records(args.target)
+        title = args.target
+        out_dir = Path(args.out or Path("reports") / args.target)
+    report = write_report(records, out_dir, title=title)
+    if parent is not None:
+        from hilomoe.study.tracking import Tracker
+
+        tracker = Tracker(args.target)
+        tracker.start_study({}, run_id=parent)
+        tracker.log_study_artifacts(out_dir)
+        tracker.finish_study("FINISHED")
+    result = {**report.as_dict(), "trials": len(records)}
+    if args.json:
+        _emit_json(result)
+        return 0
+    out.print(f"{len(records)} trials; report written to {report.markdown}"
+              f"{' and logged to MLflow' if parent else ''}", highlight=False)
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    import os
+    import subprocess
+
+    from hilomoe.study.tracking import tracking_uri
+
+    uri = tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        out.print(f"MLFLOW_TRACKING_URI is a tracking server: open {uri}", highlight=False)
+        return 0
+    log.print(f"MLflow UI on http://{args.host}:{args.port} for {uri} (Ctrl-C stops it)",
+              highlight=False)
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host",
+           args.host, "--port", str(args.port), "--workers", "1"]
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    try:
+        return subprocess.call(cmd, env=env)
+    except KeyboardInterrupt:
+        return 0
+
+
+def cmd_bench_study(args: argparse.Namespace) -> int:
+    from hilomoe.bench import study
+
+    log.print(f"benchmarking the study overhead on {args.study} ...")
+    result = study.run(args.study, trials=args.trials)
+    if args.json:
+        _emit_json(result)
+        return 0
+    out.print(_table(f"study overhead ({args.study})",
+                     ["trials", "wall s", "trial training s", "slots", "outside training",
+                      "stage-1 reused", "stage-1 saved s"],
+                     [[result["trials"], result["wall_s"], result["train_s"], result["slots"],
+                       f"{result['overhead_fraction']:.0%}", result["stage1_reused"],
+                       result["stage1_saved_s"]]]))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
 # parser
 
 
@@ -360,7 +490,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="hilomoe", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train and study HiLoMoE (Hierarchical LoRA MoE) CTR models.",
-        epilog="example:\n  hilomoe model summary studies/train_example.yaml\n"
+        epilog="example:\n  hilomoe study run studies/quickstart.yaml\n"
+               "  hilomoe ui\n"
                "  hilomoe train studies/train_example.yaml --local",
     )
     p.add_argument("--version", action="version", version=f"hilomoe {__version__}")
@@ -502,12 +633,67 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--batch", type=int, default=None, help="batch size (default: the config's)")
     bt.add_argument("--readers", nargs="+", choices=["ray_data", "parquet"],
                     default=["ray_data", "parquet"], help="worker data paths to measure")
+    bs = _command(
+        bench_sub, "study", cmd_bench_study, config=False,
+        help="share of a study's wall time spent outside trial training",
+        description="Run a study (default: the quickstart) in a temporary directory with its "
+                    "own MLflow store and report the wall time, the trials' training time, and "
+                    "the share of the wall time spent outside training (Tune scheduling, trial "
+                    "start-up, MLflow logging, checkpoint I/O), plus the stage-1 cache's saving.",
+        example="hilomoe bench study --json",
+    )
+    bs.add_argument("--study", default="studies/quickstart.yaml")
+    bs.add_argument("--trials", type=int, default=None, help="override the study's trial budget")
+
+    study_sub = _group(sub, "study", "search experts, ranks and depths with Ray Tune + Optuna")
+    sr = _command(
+        study_sub, "run", cmd_study_run, config=False,
+        help="run a study file: trials, MLflow runs, and the report",
+        description="Run the study's trials with Ray Tune and Optuna (TPE, or MOTPE for two "
+                    "objectives) and ASHA early stopping on joint-stage epochs; each trial "
+                    "trains the three stages, sharing stage 1 with trials of the same base "
+                    "model. Every trial is a child run of the study's MLflow run. Ends with "
+                    "the Pareto and scaling report in the study directory.",
+        example="hilomoe study run studies/quickstart.yaml\n"
+                "  hilomoe study run studies/quickstart.yaml --resume   # after an interruption",
+    )
+    sr.add_argument("study", help="study file (YAML)")
+    sr.add_argument("--out", metavar="DIR", help="study directory (default runs/NAME)")
+    sr.add_argument("--resume", action="store_true",
+                    help="continue the interrupted study in the study directory")
+    sr.add_argument("--trials", type=int, default=None, help="override budget.trials")
+    sr.add_argument("--concurrency", type=int, default=None,
+                    help="override budget.concurrency")
+    sr.add_argument("--no-cache", action="store_true",
+                    help="train every trial's stage 1 (no stage-1 sharing)")
+    rp = _command(
+        study_sub, "report", cmd_study_report, config=False,
+        help="Pareto (AUC vs FLOPs), ROI and scaling-law report of a study",
+        description="Write report.md and PNG plots: the Pareto frontier of validation AUC "
+                    "against FLOPs per sample per variant with the ROI against the non-MoE "
+                    "baseline, and saturating power-law fits of the AUC gap against "
+                    "parameters, FLOPs, K, L and r with confidence intervals and a held-out "
+                    "check. Reads a study directory, or an MLflow experiment's latest study "
+                    "(then the report is also logged to its parent run).",
+        example="hilomoe study report runs/quickstart\n  hilomoe study report quickstart",
+    )
+    rp.add_argument("target", metavar="STUDY_DIR_OR_MLFLOW_EXPERIMENT")
+    rp.add_argument("--out", metavar="DIR", help="where to write the report (default: "
+                    "STUDY_DIR/report, or reports/EXPERIMENT)")
+    ui = sub.add_parser(
+        "ui", help="open the MLflow UI on the tracking store",
+        description="Start the MLflow UI on the store studies log to: MLFLOW_TRACKING_URI, or "
+                    "the SQLite file mlflow.db in the working directory.",
+        epilog="example:\n  hilomoe ui --port 5000", formatter_class=argparse.RawDescriptionHelpFormatter)
+    ui.add_argument("--host", default="127.0.0.1")
+    ui.add_argument("--port", type=int, default=5000)
+    ui.set_defaults(func=cmd_ui)
     return p
 
 
 def _check_positive(args: argparse.Namespace) -> None:
     for key in ("batch", "dim", "experts", "top_k", "repeats", "rows", "min_count", "epochs",
-                "workers"):
+                "workers", "trials", "concurrency"):
         value = getattr(args, key, None)
         if any(v < 1 for v in (value if isinstance(value, list) else [value]) if v is not None):
             raise HilomoeError(f"--{key.replace('_', '-')}: must be a positive integer, got {value}")

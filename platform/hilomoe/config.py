@@ -255,13 +255,17 @@ class TrainConfig(Strict):
 
     def with_overrides(self, **changes: Any) -> TrainConfig:
         """A copy with dotted-path overrides applied and validated again, e.g.
-        `cfg.with_overrides(**{"data.path": "data/x", "ray.workers": 2})`."""
+        `cfg.with_overrides(**{"data.path": "data/x", "ray.workers": 2})`; a mapping value
+        merges into the mapping at its path."""
         raw = self.model_dump(mode="json")
         for path, value in changes.items():
             node = raw
             *parents, leaf = path.split(".")
             for key in parents:
                 node = node[key]
+            # a mapping merges into the mapping it names (a stage recipe keeps its other keys)
+            if isinstance(value, dict) and isinstance(node.get(leaf), dict):
+                value = deep_merge(node[leaf], value)
             node[leaf] = value
         return parse_config(raw, "command line")
 

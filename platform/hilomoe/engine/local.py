@@ -8,7 +8,7 @@ from typing import Callable
 
 import torch
 
-from hilomoe.config import TrainConfig
+from hilomoe.config import ModelConfig, TrainConfig, Variant
 from hilomoe.data.batches import TensorBatches
 from hilomoe.data.dataset import SPLITS, Dataset, open_dataset
 from hilomoe.data.planted import PlantedProblem, generate_planted
@@ -57,9 +57,23 @@ def load_data(cfg: TrainConfig) -> Data:
                 {s: problem.bayes(s) for s in ("valid", "test")})
 
 
+def base_model_config(model: ModelConfig) -> ModelConfig:
+    """The non-MoE model under `model`: same embeddings and backbone, no experts."""
+    return model.model_copy(update={"moe": model.moe.model_copy(update={"variant": Variant.DENSE})})
+
+
 def build_model(cfg: TrainConfig, schema: FeatureSchema) -> CTRModel:
+    """A seeded model whose base parameters (embeddings, W0 of every projection, head) depend
+    only on the seed and the base settings, not on the experts: every variant of a study then
+    starts from the same base, so one trained stage 1 serves them all (study/cache.py)."""
     torch.manual_seed(cfg.seed)
-    return CTRModel(schema, cfg.model)
+    model = CTRModel(schema, cfg.model)
+    if model.has_experts:
+        torch.manual_seed(cfg.seed)
+        base = CTRModel(schema, base_model_config(cfg.model))
+        unexpected = model.load_state_dict(base.state_dict(), strict=False).unexpected_keys
+        assert not unexpected, unexpected  # the base model's names are a subset of the MoE's
+    return model
 
 
 def summarize(result: dict, cfg: TrainConfig, data: Data, seconds: float) -> dict:

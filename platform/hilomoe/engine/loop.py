@@ -189,6 +189,20 @@ class Engine:
             self.stage_models[self.setup.name.value] = copy.deepcopy(self.model.state_dict())
         self.completed.append(self.setup.name)
 
+    def adopt_stage(self, name: StageName, weights: dict, history: list[EpochRecord]) -> None:
+        """Take a stage that ran elsewhere (the study's stage-1 cache) as if this engine had run
+        it: its best weights (a subset of the model's, e.g. the base parameters) and its epoch
+        records. The model must be where that stage started (seeded, fresh)."""
+        if self.completed or self.setup is not None:
+            raise RuntimeError(f"adopt_stage({name.value}) needs a fresh engine")
+        unexpected = self.model.load_state_dict(weights, strict=False).unexpected_keys
+        if unexpected:
+            raise ValueError(f"stage {name.value} weights hold unknown parameters {unexpected}")
+        self.history.extend(history)
+        if self.keep_stage_models:
+            self.stage_models[name.value] = copy.deepcopy(self.model.state_dict())
+        self.completed.append(name)
+
     # -- steps and epochs --------------------------------------------------------------------
 
     def _precision(self):

@@ -146,6 +146,12 @@ class CTRModel(nn.Module):
     def expert_parameters(self) -> list[nn.Parameter]:
         return [p for layer in self.moe_layers() for p in layer.expert_parameters()]
 
+    def base_state(self) -> dict[str, Tensor]:
+        """The state dict without the experts: what the non-MoE model under this one holds."""
+        experts = {id(p) for p in self.expert_parameters()}
+        names = {n for n, p in self.named_parameters() if id(p) in experts}
+        return {k: v.detach().clone() for k, v in self.state_dict().items() if k not in names}
+
     def base_parameters(self) -> list[nn.Parameter]:
         experts = {id(p) for p in self.expert_parameters()}
         return [p for p in self.parameters() if id(p) not in experts]

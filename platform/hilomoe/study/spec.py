@@ -8,6 +8,7 @@
     objectives: [{metric: valid_auc, mode: max}, {metric: flops, mode: min}]
     budget: {trials: 16, concurrency: 2, time_limit_s: 3600, workers_per_trial: 1}
     scheduler: {type: asha, grace_epochs: 1, reduction_factor: 3}
+    sampler: tpe                 # or grid (every combination of choices), random
 
 Everything is checked when the file loads, before Ray starts: unknown keys, a search key that
 names no setting of the training configuration, an empty choice list, a range whose bounds are
@@ -22,13 +23,15 @@ import itertools
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
 from hilomoe.config import ConfigError, Strict, TrainConfig, load_config, parse_config
 
 
 class Domain(Strict):
     """One searched setting: exactly one of `choice`, `int` or `float` ([low, high])."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, serialize_by_alias=True)
 
     choice: list[Any] | None = None
     ints: tuple[int, int] | None = Field(None, alias="int")
@@ -89,7 +92,25 @@ class StudySpec(Strict):
         max_length=2)
     budget: Budget = Budget()
     scheduler: Scheduler = Scheduler()
+    sampler: Literal["tpe", "grid", "random"] = Field(
+        "tpe", description="tpe: Optuna's TPE (MOTPE for two objectives); grid: every "
+        "combination of the choices once, in budget.trials trials at most; random")
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _grid(self) -> StudySpec:
+        if self.sampler == "grid":
+            ranges = [k for k, d in self.space.items() if d.choice is None]
+            if ranges:
+                raise ValueError(f"sampler grid needs choice domains; space.{ranges[0]} is a "
+                                 f"range (list its values with choice)")
+        return self
+
+    def grid_size(self) -> int:
+        size = 1
+        for d in self.space.values():
+            size *= len(d.corners())
+        return size
 
     @property
     def multi_objective(self) -> bool:

@@ -24,7 +24,7 @@ from hilomoe.config import TrainConfig, parse_config
 from hilomoe.data.dataset import open_dataset
 from hilomoe.errors import HilomoeError
 from hilomoe.train.resources import WorkerPlan, plan_workers
-from hilomoe.train.worker import STATE_FILE, SUMMARY_FILE, WorkerJob, train_loop
+from hilomoe.train.worker import WorkerJob, read_checkpoint, train_loop
 
 RUN_FILE = "run.json"
 
@@ -192,7 +192,7 @@ def _shard_config(workers: int):
                        enable_shard_locality=False)
 
 
-def _datasets(cfg: TrainConfig, dataset, plan: WorkerPlan) -> dict:
+def ray_datasets(cfg: TrainConfig, dataset, plan: WorkerPlan) -> dict:
     """The TorchTrainer's Ray Data inputs (none when workers read the files themselves)."""
     if cfg.ray.reader == "parquet":
         return {}
@@ -248,7 +248,7 @@ def train_ray(run: TrainRun, on_event: Callable[[dict], None] | None = None) -> 
                 # which set_num_threads alone does not undo
                 worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": str(plan.torch_threads)}},
             ),
-            **_datasets(cfg, dataset, plan),
+            **ray_datasets(cfg, dataset, plan),
         )
         try:
             result = trainer.fit()
@@ -269,9 +269,7 @@ def _collect(run: TrainRun, result, plan: WorkerPlan) -> dict:
     out = Path(run.out_dir)
     if result.checkpoint is None:
         raise HilomoeError(f"{run.out_dir}: the Ray run ended without a checkpoint.")
-    with result.checkpoint.as_directory() as d:
-        summary = json.loads((Path(d) / SUMMARY_FILE).read_text())
-        state = torch.load(Path(d) / STATE_FILE, weights_only=False)
+    state, summary = read_checkpoint(result.checkpoint)
     torch.save(state["model"], out / "model.pt")
     (out / "models").mkdir(exist_ok=True)
     for stage, weights in state["stage_models"].items():

@@ -11,6 +11,7 @@ the latest checkpoint into the engine, which skips finished stages and continues
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -62,10 +63,51 @@ def epoch_metrics(record: EpochRecord, world: int, stage_index: int, elapsed: fl
         **{f"train_{k}": v for k, v in record.train.items()},
         **{f"valid_{k}": v for k, v in record.valid.items()},
         "samples": samples, "epoch_seconds": record.seconds,
+        # 1, 2, ... through the joint stage, 0 before it: early-stopping schedulers compare
+        # trials on their joint-stage epochs (a restored Tune trial restarts its iterations)
+        "joint_epoch": record.epoch + 1 if record.stage == "joint" else 0,
         "samples_per_s": samples / record.seconds if record.seconds > 0 else 0.0,
         "elapsed_s": elapsed, "improved": record.improved,
         "score": checkpoint_score(stage_index, record.valid["auc"]),
     }
+
+
+def final_metrics(summary: dict) -> dict:
+    """The flat metrics of a finished run: the final model's validation metrics (its last
+    stage's best epoch), test metrics and cost; a study's objectives read them."""
+    last = list(summary["stages"].values())[-1]
+    cost = summary["cost"]
+    return {"final": True, "valid_auc": last["auc"], "valid_logloss": last["logloss"],
+            "test_auc": summary["test"]["auc"], "test_logloss": summary["test"]["logloss"],
+            "flops": cost["flops_analytic"], "params_total": cost["params_total"],
+            "params_active": cost["params_active"], "params_embedding": cost["params_embedding"],
+            "train_seconds": summary["seconds"]}
+
+
+@contextlib.contextmanager
+def checkpoint_dir(files: dict[str, Any]) -> Iterator[Path | None]:
+    """A temporary directory holding `files` (`.json` names as JSON, others with torch.save),
+    for `Checkpoint.from_directory`; None when there is nothing to save."""
+    if not files:
+        yield None
+        return
+    with tempfile.TemporaryDirectory() as d:
+        for name, obj in files.items():
+            if name.endswith(".json"):
+                (Path(d) / name).write_text(json.dumps(obj))
+            else:
+                torch.save(obj, Path(d) / name)
+        yield Path(d)
+
+
+def read_checkpoint(checkpoint) -> tuple[dict | None, dict | None]:
+    """The engine state and, in a final checkpoint, the run summary (None if absent)."""
+    if checkpoint is None:
+        return None, None
+    with checkpoint.as_directory() as d:
+        state = torch.load(Path(d) / STATE_FILE, weights_only=False)
+        summary = Path(d) / SUMMARY_FILE
+        return state, json.loads(summary.read_text()) if summary.is_file() else None
 
 
 def gather_predictions(p: Predictions) -> Predictions:
@@ -130,10 +172,9 @@ def train_loop(job_dict: dict) -> None:
 
     engine = Engine(model, cfg.stages, device, wrap=wrap, gather=gather_predictions,
                     autocast=_autocast(cfg, device), keep_stage_models=True)
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            engine.load_state_dict(torch.load(Path(d) / STATE_FILE, weights_only=False))
+    state, _ = read_checkpoint(ray.train.get_checkpoint())
+    if state is not None:
+        engine.load_state_dict(state)
 
     def shard(split: str, train: bool):
         size = cfg.stages.base.batch_size if train else cfg.eval_batch_size
@@ -157,15 +198,8 @@ def train_loop(job_dict: dict) -> None:
 
     def report(metrics: dict, files: dict[str, Any]) -> None:
         # every rank reports the same number of times; only rank 0 carries a checkpoint
-        with tempfile.TemporaryDirectory() as d:
-            ckpt = None
-            if rank == 0:
-                for name, obj in files.items():
-                    if name.endswith(".json"):
-                        (Path(d) / name).write_text(json.dumps(obj))
-                    else:
-                        torch.save(obj, Path(d) / name)
-                ckpt = ray.train.Checkpoint.from_directory(d)
+        with checkpoint_dir(files if rank == 0 else {}) as d:
+            ckpt = ray.train.Checkpoint.from_directory(d) if d else None
             ray.train.report(metrics, checkpoint=ckpt)
 
     def on_epoch(record: EpochRecord) -> None:
@@ -181,8 +215,7 @@ def train_loop(job_dict: dict) -> None:
     summary["history"] = [{**h, "samples": h["samples"] * world,
                            "samples_per_s": h["samples_per_s"] * world}
                           for h in summary["history"]]
-    report({"final": True, "score": FINAL_SCORE, "test_auc": summary["test"]["auc"],
-            "test_logloss": summary["test"]["logloss"]},
+    report({**final_metrics(summary), "score": FINAL_SCORE},
            {STATE_FILE: engine.state_dict(), SUMMARY_FILE: summary})
 
 

@@ -1,0 +1,296 @@
+"""The driver of `hilomoe study run`: Ray Tune with Optuna over the study's space, every trial's
+three-stage training, MLflow tracking, and the report at the end.
+
+    summary = run_study(load_study("studies/quickstart.yaml"), "runs/quickstart")
+    summary = run_study(spec, "runs/quickstart", resume=True)      # after the driver died
+
+The study directory holds `study.json` (the resolved study, the dataset and the MLflow parent
+run), Tune's own state and trial checkpoints (`tune/`), one record per finished trial
+(`trials/<id>.json`), an event log (`events.jsonl`), `result.json` and `report/`. Every trial
+event reaches MLflow through one `Tracker` in this process, never from the trials themselves, so
+a tracking server that goes away costs buffered metrics, not trials.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+from hilomoe.errors import HilomoeError
+from hilomoe.study.space import SearchSpace
+from hilomoe.study.spec import StudySpec, parse_study
+from hilomoe.study.records import best_record, load_records, write_json
+from hilomoe.study.trial import TRIAL_CPU, TrialContext, run_trial
+
+RUNS_FILE = "mlflow_runs.json"  # trial id -> MLflow child run (kept by the study's callback)
+
+STUDY_FILE = "study.json"
+TUNE_DIR = "tune"
+RESULT_FILE = "result.json"
+
+
+@dataclass
+class StudyRun:
+    """A study directory's identity: what is searched, on which data, tracked where."""
+
+    study_dir: str
+    spec: dict  # StudySpec, JSON form
+    dataset: str
+    experiment: str  # MLflow experiment
+    tracking_uri: str
+    parent_run_id: str | None = None
+    cache_dir: str | None = None
+
+    @property
+    def study(self) -> StudySpec:
+        return parse_study(self.spec, str(Path(self.study_dir) / STUDY_FILE))
+
+    def save(self) -> None:
+        path = Path(self.study_dir) / STUDY_FILE
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=2))
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, study_dir: str | Path) -> StudyRun:
+        path = Path(study_dir) / STUDY_FILE
+        if not path.is_file():
+            raise HilomoeError(f"{study_dir}: not a study directory (no {STUDY_FILE}); --resume "
+                               f"continues a study started with the same --out.")
+        return cls(**json.loads(path.read_text()))
+
+    def context(self) -> TrialContext:
+        budget = self.study.budget
+        return TrialContext(self.spec, self.dataset, self.study_dir, self.cache_dir,
+                            threads=max(1, int(budget.cpus_per_trial)))
+
+
+def _open_run(spec: StudySpec, study_dir: Path, resume: bool, cache: bool) -> StudyRun:
+    from hilomoe.study.tracking import tracking_uri
+    from hilomoe.train.driver import cache_dir, dataset_path
+
+    if resume:
+        run = StudyRun.load(study_dir)
+        if run.spec != spec.model_dump(mode="json"):
+            raise HilomoeError(f"{study_dir}: the study file changed since the study started; "
+                               f"resume it with the same file, or start a new study with "
+                               f"another --out.")
+        return run
+    if (study_dir / STUDY_FILE).exists():
+        raise HilomoeError(f"{study_dir}: already holds a study; continue it with --resume or "
+                           f"choose another --out.")
+    dataset = dataset_path(spec.train)  # checked (or generated) before Ray starts
+    study_dir.mkdir(parents=True, exist_ok=True)
+    run = StudyRun(str(study_dir), spec.model_dump(mode="json"), str(dataset), spec.name,
+                   tracking_uri(), cache_dir=str(cache_dir() / "stage1") if cache else None)
+    run.save()
+    return run
+
+
+# ----------------------------------------------------------------------------------------------
+# the study
+
+
+def _tuner(run: StudyRun, callback, resume: bool):
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search.optuna import OptunaSearch
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+    spec = run.study
+    budget = spec.budget
+    trainable = tune.with_parameters(run_trial, ctx=run.context())
+    resources = ({"cpu": budget.cpus_per_trial, "gpu": budget.gpus_per_trial}
+                 if budget.workers_per_trial == 1 else {"cpu": TRIAL_CPU})  # workers hold the rest
+    trainable = tune.with_resources(trainable, resources)
+    tune_dir = Path(run.study_dir) / TUNE_DIR
+    if resume and tune.Tuner.can_restore(str(tune_dir)):
+        return tune.Tuner.restore(str(tune_dir), trainable=trainable, resume_unfinished=True,
+                                  resume_errored=True)
+    metrics = [o.metric for o in spec.objectives]
+    modes = [o.mode for o in spec.objectives]
+    space = SearchSpace(spec)
+    sampler = _sampler(spec, space)
+    searcher = OptunaSearch(metric=metrics if spec.multi_objective else metrics[0],
+                            mode=modes if spec.multi_objective else modes[0], sampler=sampler)
+    joint_epochs = spec.train.stages.joint.epochs
+    scheduler = (ASHAScheduler(time_attr="joint_epoch", metric="valid_auc", mode="max",
+                               max_t=joint_epochs + 1,  # the final report must not be cut
+                               grace_period=spec.scheduler.grace_epochs,
+                               reduction_factor=spec.scheduler.reduction_factor)
+                 if spec.scheduler.type == "asha" and spec.space else FIFOScheduler())
+    return tune.Tuner(
+        trainable,
+        param_space=space.tune_domains(),
+        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
+                                    num_samples=(min(budget.trials, spec.grid_size())
+                                                 if spec.sampler == "grid" else budget.trials),
+                                    max_concurrent_trials=budget.concurrency,
+                                    time_budget_s=budget.time_limit_s,
+                                    reuse_actors=True,  # no new process per trial
+                                    trial_dirname_creator=_trial_dirname),
+        run_config=tune.RunConfig(
+            name=TUNE_DIR, storage_path=str(Path(run.study_dir).resolve()),
+            callbacks=[callback], verbose=0,
+            failure_config=tune.FailureConfig(max_failures=spec.train.ray.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2)),
+    )
+
+
+def _sampler(spec: StudySpec, space: SearchSpace):
+    import optuna
+
+    if spec.sampler == "grid":
+        return optuna.samplers.GridSampler(space.grid(), seed=spec.seed)
+    if spec.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=spec.seed)
+    # TPE for one objective; with two, Optuna's TPE is its multi-objective sampler (MOTPE)
+    return optuna.samplers.TPESampler(seed=spec.seed,
+                                      n_startup_trials=min(10, max(2, spec.budget.trials // 3)))
+
+
+def _check_fits(spec: StudySpec, cluster: dict) -> None:
+    """Trials running at once must fit the cluster. Tune sees only what a multi-worker trial
+    itself holds, not its workers', so it cannot be left to queue them."""
+    b = spec.budget
+    cpus, gpus = cluster.get("CPU", 0.0), cluster.get("GPU", 0.0)
+    at_once = min(b.concurrency, b.trials)
+    if at_once * b.cpus_per_trial > cpus + 1e-9 or at_once * b.gpus_per_trial > gpus + 1e-9:
+        raise HilomoeError(
+            f"budget: {at_once} trial(s) at once x {b.cpus_per_trial:g} CPU"
+            f"{f' and {b.gpus_per_trial:g} GPU' if b.gpus_per_trial else ''} do not fit the Ray "
+            f"cluster ({cpus:g} CPU, {gpus:g} GPU); lower budget.concurrency or the resources "
+            f"per trial, or use a bigger cluster.")
+    if b.workers_per_trial > 1:
+        from hilomoe.train.resources import plan_workers
+
+        plan_workers(spec.train.ray.model_copy(update={"workers": b.workers_per_trial,
+                                                       "gpu": b.gpus_per_trial > 0}),
+                     {"CPU": b.cpus_per_trial - TRIAL_CPU, "GPU": b.gpus_per_trial})
+
+
+def _trial_dirname(trial) -> str:
+    return f"trial_{trial.trial_id}"
+
+
+def run_study(spec: StudySpec, study_dir: str | Path, resume: bool = False,
+              console: Callable[[dict], None] | None = None, cache: bool = True) -> dict:
+    """Run (or continue) a study; returns the summary also written to result.json."""
+    from hilomoe.study.tracking import Tracker
+    from hilomoe.train.driver import connect_ray
+
+    t0 = time.perf_counter()
+    study_dir = Path(study_dir).resolve()
+    run = _open_run(spec, study_dir, resume, cache)
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")  # lose little on a killed driver
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # no CSV/TBX/JSON per trial
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    def warn(message: str) -> None:  # one sentence, on the console or else on stderr
+        if console:
+            console({"kind": "warning", "message": message})
+        else:
+            print(f"hilomoe: warning: {message}", file=sys.stderr)
+
+    tracker = Tracker(run.experiment, run.tracking_uri, on_warning=warn)
+    tracker.start_study(params={"study": spec.model_dump(mode="json")},
+                        tags={"hilomoe.study_dir": str(study_dir)}, run_id=run.parent_run_id)
+    run.parent_run_id = tracker.parent_run_id  # None while MLflow is unreachable
+    run.save()
+    started = connect_ray()
+    import ray
+
+    from hilomoe.study.callback import StudyCallback, attach
+
+    try:
+        _check_fits(spec, ray.cluster_resources())
+        attach(study_dir, tracker, console)
+        tuner = _tuner(run, StudyCallback(study_dir), resume)
+        try:
+            tuner.fit()
+        except KeyboardInterrupt:
+            raise HilomoeError(f"interrupted; continue the study with `hilomoe study run "
+                               f"STUDY.yaml --out {study_dir} --resume`") from None
+        if console:
+            console({"kind": "end"})
+        summary = _conclude(run, tracker, time.perf_counter() - t0)
+    finally:
+        if started:
+            ray.shutdown()
+    return summary
+
+
+def _conclude(run: StudyRun, tracker, wall_s: float) -> dict:
+    """Report, best model and summary: what the study found, in files and in MLflow."""
+    from hilomoe.study.report import write_report
+
+    spec = run.study
+    study_dir = Path(run.study_dir)
+    records = load_records(study_dir)
+    # a trial a killed driver had started after Tune's last snapshot is gone for good (Tune
+    # sampled another in its place): its MLflow run ends as KILLED, not RUNNING forever
+    finished = {r["trial_id"] for r in records}
+    for trial_id in set(tracker.run_ids) - finished:
+        tracker.finish_trial(trial_id, {}, status="KILLED")
+    report = write_report(records, study_dir / "report", title=spec.name,
+                          meta={"description": spec.description} if spec.description else None)
+    best = best_record(spec, records)
+    if best is not None and best.get("checkpoint"):
+        _log_best_model(run, tracker, best)
+    reused = [r for r in records if r["stage1_reused"]]
+    counts = {s: sum(r["status"] == s for r in records) for s in ("completed", "pruned", "failed")}
+    summary = {
+        "best": None if best is None else {
+            "trial_id": best["trial_id"], "params": best["params"],
+            "config": run.context().config_from(best["params"]).model_dump(mode="json"),
+            "metrics": {k: best.get(k) for k in ("valid_auc", "valid_logloss", "test_auc",
+                                                  "test_logloss", "flops", "params_active",
+                                                  "params_total")}},
+        "pareto": report.pareto,
+        "trials": records,
+        "counts": counts,
+        "stage1_reused": len(reused),
+        "stage1_saved_s": sum(r["stage1_seconds"] for r in reused),
+        "train_s": sum(r["train_seconds"] or 0.0 for r in records),
+        "wall_s": wall_s,
+        "study_dir": str(study_dir),
+        "report": str(report.markdown),
+        "mlflow_experiment": run.experiment,
+        "mlflow_run_id": run.parent_run_id,
+        "tracking_uri": run.tracking_uri,
+    }
+    tracker.log_study_metrics({"best_valid_auc": best["valid_auc"] if best else float("nan"),
+                               "trials_completed": counts["completed"],
+                               "trials_pruned": counts["pruned"],
+                               "trials_failed": counts["failed"],
+                               "stage1_reused": len(reused),
+                               "stage1_saved_s": summary["stage1_saved_s"]})
+    tracker.log_study_artifacts(study_dir / "report")
+    summary["mlflow_complete"] = tracker.finish_study("FINISHED")
+    if run.parent_run_id is None and tracker.parent_run_id:  # created once MLflow came back
+        run.parent_run_id = summary["mlflow_run_id"] = tracker.parent_run_id
+        run.save()
+    write_json(study_dir / RESULT_FILE, summary)
+    return summary
+
+
+def _log_best_model(run: StudyRun, tracker, best: dict) -> None:
+    from hilomoe.data.dataset import open_dataset
+    from hilomoe.engine.local import build_model
+    from hilomoe.train.worker import STATE_FILE
+
+    import torch
+
+    path = Path(best["checkpoint"]) / STATE_FILE
+    if not path.is_file():
+        return
+    cfg = run.context().config_from(best["params"])
+    model = build_model(cfg, open_dataset(run.dataset).schema)
+    model.load_state_dict(torch.load(path, weights_only=False)["model"])
+    tracker.log_model(best["trial_id"], model)

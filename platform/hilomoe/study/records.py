@@ -1,0 +1,82 @@
+"""Trial records: one JSON document per finished trial, what reports and `--json` read.
+
+    {"trial_id", "status": completed | pruned | failed, "params": {dotted key: value},
+     "variant", "levels", "experts", "rank", "top_k",
+     "valid_auc", "valid_logloss", "test_auc", "test_logloss",      # test: completed only
+     "flops", "params_total", "params_active", "params_embedding",   # per sample, analytic
+     "epochs", "train_seconds", "stage1_reused", "stage1_seconds", "checkpoint"}
+
+A trial's validation metrics are those of its final model (the best epoch of its last stage);
+a pruned trial's are those of its last epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from hilomoe.study.spec import StudySpec
+from hilomoe.study.trial import trial_cost
+
+TRIALS_DIR = "trials"
+
+
+def trial_record(trial_id: str, params: dict, cfg, schema, results: list[dict], status: str,
+                 checkpoint: str | None) -> dict:
+    """A record from a trial's reported results; `status` "done" becomes completed (it reached
+    its final report) or pruned (a scheduler stopped it)."""
+    last = results[-1] if results else {}
+    final = bool(last.get("final"))
+    if status == "done":
+        status = "completed" if final else "pruned"
+    moe = cfg.model.moe
+    return {
+        "trial_id": trial_id, "status": status, "params": params,
+        "variant": moe.variant.value if moe.has_experts else "dense",
+        "levels": moe.levels if moe.has_experts else 0, "experts": moe.experts,
+        "rank": moe.rank, "top_k": moe.top_k,
+        "valid_auc": last.get("valid_auc"), "valid_logloss": last.get("valid_logloss"),
+        "test_auc": last.get("test_auc") if final else None,
+        "test_logloss": last.get("test_logloss") if final else None,
+        **trial_cost(cfg, schema),
+        "epochs": sum(1 for r in results if "stage" in r and not r.get("reused")),
+        "train_seconds": last.get("train_seconds", last.get("elapsed_s", 0.0)),
+        "stage1_reused": bool(last.get("stage1_reused")),
+        "stage1_seconds": float(last.get("stage1_seconds") or 0.0),
+        "checkpoint": checkpoint,
+    }
+
+
+def jsonable(v: Any) -> Any:
+    return None if isinstance(v, float) and not math.isfinite(v) else str(v)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Written aside and renamed: a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=jsonable))
+    tmp.replace(path)
+
+
+def save_record(study_dir: str | Path, record: dict) -> None:
+    write_json(Path(study_dir) / TRIALS_DIR / f"{record['trial_id']}.json", record)
+
+
+def load_records(study_dir: str | Path) -> list[dict]:
+    d = Path(study_dir) / TRIALS_DIR
+    if not d.is_dir():
+        return []
+    return sorted((json.loads(p.read_text()) for p in d.glob("*.json")),
+                  key=lambda r: r["trial_id"])
+
+
+def best_record(spec: StudySpec, records: list[dict]) -> dict | None:
+    """The best completed trial by the study's first objective."""
+    obj = spec.objectives[0]
+    done = [r for r in records if r["status"] == "completed" and r.get(obj.metric) is not None]
+    if not done:
+        return None
+    return (max if obj.mode == "max" else min)(done, key=lambda r: r[obj.metric])

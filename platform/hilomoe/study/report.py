@@ -1,0 +1,311 @@
+"""The study report: from the trial records to `report.md`, `pareto.png` and `scaling_<axis>.png`.
+
+    report = write_report(records, Path("runs/expert_scaling/report"), "expert_scaling")
+
+`records` are the study's trial records (plain dicts, any field may be missing); see
+`hilomoe.study.pareto` for which ones take part (completed, finite AUC and FLOPs) and
+`hilomoe.study.scaling` for the laws (gap = 1 - valid AUC = a * C**(-b) + c). Pruned trials only
+appear as grey markers in the Pareto plot; failed ones only in the trial counts.
+
+Every file is written into a hidden staging folder inside `out_dir` and renamed into place at the
+end, plots first and `report.md` last, so a crash leaves either the previous report or the new
+one, never a half-written file or a Markdown page linking to a missing image.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import statistics
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from hilomoe.study.pareto import (PAPER_CLAIM, Roi, best, fronts_by_variant, number, pareto_front,
+                                  roi, si, usable)
+from hilomoe.study.scaling import AxisFit, fit_axes
+
+BASELINE, MODEL = "dense", "hilomoe"
+STATUSES = ("completed", "pruned", "failed")
+#: Fixed styles so a variant looks the same in every study's plot.
+STYLES = {
+    "dense": ("black", "s"), "hilomoe": ("tab:red", "o"), "flat": ("tab:blue", "^"),
+    "sequential": ("tab:green", "v"), "dense_experts": ("tab:purple", "D"),
+}
+_SPARE_STYLES = [("tab:orange", "P"), ("tab:brown", "X"), ("tab:cyan", "*"), ("tab:olive", "h")]
+#: Record fields shown as the model's shape (L, K, r, k), before any other searched setting.
+SHAPE = (("levels", "L"), ("experts", "K"), ("rank", "r"), ("top_k", "k"))
+
+
+@dataclass
+class Report:
+    """What `write_report` wrote and found. `as_dict()` is JSON-ready (no NaN, no paths)."""
+
+    markdown: Path
+    plots: list[Path] = field(default_factory=list)
+    pareto: list[dict] = field(default_factory=list)   # {"variant","trial_id","auc","flops"}
+    roi: dict = field(default_factory=dict)            # Roi.as_dict(), or available=False+reason
+    fits: dict = field(default_factory=dict)           # axis -> AxisFit.as_dict()
+    counts: dict = field(default_factory=dict)         # status -> trials, plus stage-1 reuse
+
+    def as_dict(self) -> dict:
+        return {"markdown": str(self.markdown), "plots": [str(p) for p in self.plots],
+                "pareto": self.pareto, "roi": self.roi, "fits": self.fits, "counts": self.counts}
+
+
+def write_report(records: list[dict], out_dir: Path, title: str,
+                 meta: dict | None = None) -> Report:
+    """Compute the frontier, the ROI headline and the scaling laws; write the page and plots.
+
+    `meta` (optional) is shown as a key/value list under the title (dataset, date, ...).
+    Returns the `Report`; `report.md` is always written, plots only when there is data.
+    """
+    records = [r for r in (records or []) if isinstance(r, dict)]
+    points = usable(records)
+    front = pareto_front(points)
+    headline = roi(points, BASELINE, MODEL)
+    fits = fit_axes(points, MODEL) if points else {}
+    counts = trial_counts(records)
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=".report-", dir=out_dir))
+    try:
+        drawn: list[str] = []
+        if points:
+            plot_pareto(records, headline, stage / "pareto.png")
+            drawn.append("pareto.png")
+            for axis, fit in fits.items():
+                if fit.law is not None:
+                    plot_scaling(fit, stage / f"scaling_{axis}.png")
+                    drawn.append(f"scaling_{axis}.png")
+        text = markdown(title, meta, records, front, headline, fits, counts, drawn)
+        (stage / "report.md").write_text(text, encoding="utf-8")
+        for name in [*drawn, "report.md"]:
+            os.replace(stage / name, out_dir / name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+    return Report(
+        markdown=out_dir / "report.md", plots=[out_dir / name for name in drawn],
+        pareto=[{"variant": r.get("variant"), "trial_id": r.get("trial_id"),
+                 "auc": float(r["valid_auc"]), "flops": float(r["flops"])} for r in front],
+        roi=headline.as_dict() if isinstance(headline, Roi)
+        else {"available": False, "reason": headline},
+        fits={axis: fit.as_dict() for axis, fit in fits.items()}, counts=counts)
+
+
+def trial_counts(records: list[dict]) -> dict:
+    """Trials per status (anything else under "other"), and what stage-1 reuse saved."""
+    counts = {s: sum(r.get("status") == s for r in records) for s in STATUSES}
+    counts["other"] = len(records) - sum(counts.values())
+    counts["usable"] = len(usable(records))
+    reused = [r for r in records if r.get("stage1_reused") is True]
+    counts["stage1_reused"] = len(reused)
+    counts["stage1_seconds_saved"] = sum(number(r.get("stage1_seconds")) or 0.0 for r in reused)
+    return counts
+
+
+# -- Markdown -------------------------------------------------------------------------------
+
+def markdown(title: str, meta: dict | None, records: list[dict], front: list[dict],
+             headline: Roi | str, fits: dict[str, AxisFit], counts: dict,
+             plots: list[str]) -> str:
+    """The whole page; `plots` are the image file names drawn next to it."""
+    lines = [f"# {title}", ""]
+    for key, value in (meta or {}).items():
+        lines.append(f"- **{key}**: {value}")
+    if meta:
+        lines.append("")
+    points = usable(records)
+    if not points:
+        lines += ["Nothing to report: no completed trial has a finite validation AUC and FLOPs, "
+                  "so there is no frontier, ROI or scaling law (and no plot).", ""]
+    else:
+        lines += ["## Headline", "",
+                  headline.headline() if isinstance(headline, Roi)
+                  else f"{headline} For context, the paper reports {PAPER_CLAIM}.", ""]
+        lines += _pareto_section(front, "pareto.png" in plots)
+        lines += _variant_section(points)
+        lines += _scaling_section(fits, plots)
+    lines += _counts_section(counts)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _pareto_section(front: list[dict], plotted: bool) -> list[str]:
+    lines = ["## Pareto set", "",
+             "Trials no other completed trial beats on both validation AUC and FLOPs per sample.",
+             "", "| variant | trial | valid AUC | FLOPs | active params | key params |",
+             "|---|---|---:|---:|---:|---|"]
+    for r in front:
+        lines.append(_row(r.get("variant"), f"`{r.get('trial_id')}`", f"{r['valid_auc']:.4f}",
+                          si(number(r["flops"])), si(number(r.get("params_active"))),
+                          key_params(r)))
+    if plotted:
+        lines += ["", "![AUC vs FLOPs per sample](pareto.png)"]
+    return lines + [""]
+
+
+def _variant_section(points: list[dict]) -> list[str]:
+    lines = ["## Variants", "", "| variant | trials | best AUC | FLOPs of best | median AUC |",
+             "|---|---:|---:|---:|---:|"]
+    for variant in sorted({str(r.get("variant") or "unknown") for r in points}):
+        mine = [r for r in points if str(r.get("variant") or "unknown") == variant]
+        top = best(mine)
+        median = statistics.median(float(r["valid_auc"]) for r in mine)
+        lines.append(_row(variant, len(mine), f"{top['valid_auc']:.4f}",
+                          si(number(top["flops"])), f"{median:.4f}"))
+    return lines + [""]
+
+
+def _scaling_section(fits: dict[str, AxisFit], plots: list[str]) -> list[str]:
+    lines = ["## Scaling laws", "",
+             f"gap = 1 - valid AUC = a * C^(-b) + c along each axis C, fitted on the {MODEL} "
+             "trials (for K, L and r the best trial per value). Brackets: 95% Wald intervals "
+             "(they may cross the bounds a, c >= 0, 0 <= b <= 5); "
+             "held-out: fitted on the smaller half of the C values, error on the larger half "
+             "in AUC units.", "",
+             "| axis | a | b | c | points | held-out MAE (max) |", "|---|---|---|---|---:|---|"]
+    for axis, fit in fits.items():
+        check = (f"{fit.heldout.mae:.4f} ({fit.heldout.max_abs:.4f})" if fit.heldout
+                 else f"skipped: {fit.heldout_reason}")
+        if fit.law is None:
+            lines.append(_row(fit.label, f"skipped: {fit.reason}", "", "", len(fit.x), check))
+            continue
+        ci = fit.law.ci or {}
+        lines.append(_row(fit.label, *(_estimate(getattr(fit.law, k), ci.get(k)) for k in "abc"),
+                          len(fit.x), check))
+    images = [name for name in plots if name.startswith("scaling_")]
+    if images:
+        lines.append("")
+        lines += [f"![scaling along {name[8:-4]}]({name})" for name in images]
+    return lines + [""]
+
+
+def _counts_section(counts: dict) -> list[str]:
+    lines = ["## Trials", "", "| completed | pruned | failed | other |", "|---:|---:|---:|---:|",
+             _row(counts["completed"], counts["pruned"], counts["failed"], counts["other"]), ""]
+    unusable = counts["completed"] - counts["usable"]
+    if unusable:
+        lines += [f"{unusable} completed trial(s) lack a finite validation AUC or FLOPs and are "
+                  "left out of everything above.", ""]
+    lines += [f"Stage-1 reuse: {counts['stage1_reused']} trial(s) reused a cached stage 1, "
+              f"saving {counts['stage1_seconds_saved']:.1f} s of training.", ""]
+    return lines
+
+
+def key_params(record: dict) -> str:
+    """The model shape (L, K, r, k) then the other searched settings, compactly."""
+    parts = [f"{short}={record[name]}" for name, short in SHAPE
+             if record.get(name) is not None and record.get("variant") != BASELINE]
+    shown = {name for name, _ in SHAPE}
+    params = record.get("params") if isinstance(record.get("params"), dict) else {}
+    for key, value in sorted(params.items()):
+        name = str(key).rsplit(".", 1)[-1]
+        if name not in shown:
+            parts.append(f"{name}={value:.3g}" if isinstance(value, float) else f"{name}={value}")
+    return " ".join(parts)
+
+
+def _estimate(value: float, interval: tuple[float, float] | None) -> str:
+    if interval is None:
+        return f"{value:.3g} (no interval)"
+    return f"{value:.3g} [{interval[0]:.3g}, {interval[1]:.3g}]"
+
+
+def _row(*cells) -> str:
+    # A "|" inside a trial id or a setting would split the cell.
+    return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+
+
+# -- plots ----------------------------------------------------------------------------------
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")   # no display on workers; set here so importing this module is cheap
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_pareto(records: list[dict], headline: Roi | str, path: Path) -> Path:
+    """AUC vs FLOPs (log x): each variant's trials and frontier, the baseline, pruned in grey."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    try:
+        points = usable(records)
+        positive = all(r["flops"] > 0 for r in points)
+        pruned = [r for r in records if r.get("status") == "pruned"
+                  and number(r.get("valid_auc")) is not None
+                  and (number(r.get("flops")) or 0) > 0]
+        if pruned:
+            ax.scatter([r["flops"] for r in pruned], [r["valid_auc"] for r in pruned],
+                       color="0.7", marker="x", label=f"pruned ({len(pruned)})", zorder=1)
+        fronts = fronts_by_variant(points)
+        spare = iter(_SPARE_STYLES * (1 + len(fronts)))
+        for variant, front in fronts.items():
+            colour, marker = STYLES.get(variant) or next(spare)
+            mine = [r for r in points if str(r.get("variant") or "unknown") == variant]
+            ax.scatter([r["flops"] for r in mine], [r["valid_auc"] for r in mine], color=colour,
+                       marker=marker, alpha=0.55, label=f"{variant} ({len(mine)})", zorder=2)
+            ax.step([r["flops"] for r in front], [r["valid_auc"] for r in front],
+                    where="post", color=colour, linewidth=1.5, zorder=3)
+        if isinstance(headline, Roi):
+            ax.scatter([headline.baseline_flops], [headline.baseline_auc], s=220, marker="*",
+                       facecolor="gold", edgecolor="black", zorder=4,
+                       label=f"{headline.baseline} baseline")
+        if positive:
+            ax.set_xscale("log")
+        ax.set_xlabel("FLOPs per sample")
+        ax.set_ylabel("validation AUC")
+        ax.set_title("AUC vs FLOPs; lines: each variant's Pareto frontier")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8, loc="best")
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+    finally:
+        plt.close(fig)
+    return path
+
+
+def plot_scaling(fit: AxisFit, path: Path) -> Path:
+    """One axis: the points, the law with its 95% band, and the held-out half marked."""
+    plt = _pyplot()
+    law = fit.law
+    x, auc = np.asarray(fit.x, dtype=float), np.asarray(fit.auc, dtype=float)
+    keep = np.isfinite(x) & np.isfinite(auc) & (x > 0)
+    x, auc = x[keep], auc[keep]
+    grid = np.geomspace(x.min(), x.max(), 200) if x.min() < x.max() else x
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    try:
+        band = law.band(grid)
+        if band is not None:
+            ax.fill_between(grid, band[0], band[1], color="tab:red", alpha=0.18,
+                            label="95% band", linewidth=0)
+        ax.plot(grid, law.auc(grid), color="tab:red",
+                label=f"gap = {law.a:.3g} C^-{law.b:.3g} + {law.c:.3g}")
+        held = np.zeros_like(x, dtype=bool)
+        if fit.heldout is not None:
+            held = x > fit.heldout.split
+            ax.plot(grid, fit.heldout.law.auc(grid), color="0.3", linestyle="--", linewidth=1,
+                    label=f"fit on smaller half (MAE {fit.heldout.mae:.4f})")
+            ax.scatter(x[held], auc[held], facecolor="none", edgecolor="black", zorder=3,
+                       label="held out")
+        ax.scatter(x[~held], auc[~held], color="black", zorder=3, label="trials")
+        # A loose band (few points) must not squash the data into a line.
+        span = max(float(np.ptp(auc)), 1e-3)
+        ax.set_ylim(float(auc.min()) - 0.5 * span, float(auc.max()) + 0.5 * span)
+        ax.set_xscale("log")
+        ax.set_xlabel(fit.label)
+        ax.set_ylabel("validation AUC")
+        ax.set_title(f"Scaling along {fit.label}")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8, loc="best")
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+    finally:
+        plt.close(fig)
+    return path

@@ -1,0 +1,287 @@
+"""Studies end to end on a real local Ray: Tune + Optuna trials, the stage-1 cache, MLflow (a
+SQLite store, and a real `mlflow server` on loopback that goes away mid-study), the report,
+resume after a killed driver, and `hilomoe ui`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from helpers import hilomoe, kill_tree, one_json
+from mlflow_server import free_port, start_mlflow_server, stop_mlflow_server
+
+TINY = {
+    "name": "tiny",
+    "train": {
+        "data": {"synth": {"rows": 6000, "categorical_fields": 4, "vocab_size": 10,
+                           "numeric_fields": 1, "depth": 2, "branching": 3}},
+        "model": {"embedding_dim": 4, "backbone": {"mlp": [8], "cross_layers": 1},
+                  "moe": {"levels": 2, "experts": 4, "top_k": 2}},
+        "stages": {"base": {"epochs": 3, "lr": 0.005}, "experts": {"epochs": 2},
+                   "joint": {"epochs": 3}},
+    },
+    "space": {"model.moe.variant": {"choice": ["dense", "hilomoe", "flat"]},
+              "model.moe.experts": {"choice": [2, 4]}},
+    "budget": {"trials": 4, "concurrency": 2},
+    "scheduler": {"type": "none"},
+}
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    """A working directory of its own (the default MLflow store is ./mlflow.db) and a fresh
+    cache (datasets, stage 1)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HILOMOE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    return tmp_path
+
+
+def write_study(path: Path, space: dict | None = None, **changes) -> Path:
+    """TINY with `space` entries replaced and dotted-path `changes` applied."""
+    raw = json.loads(json.dumps(TINY))
+    raw["space"].update(space or {})
+    for key, value in changes.items():
+        node = raw
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def client(uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(uri)
+
+
+# -- bad input, before Ray ---------------------------------------------------------------------
+
+
+def test_bad_study_files_are_refused_in_one_sentence(workdir):
+    bad = write_study(workdir / "bad.yaml", space={"model.moe.experts": {"choice": []}})
+    res = hilomoe("study", "run", str(bad), check=False)
+    assert res.returncode == 2
+    assert "space.model.moe.experts" in res.stderr and "at least one value" in res.stderr
+    assert "Traceback" not in res.stderr and not (workdir / "runs").exists()
+    res = hilomoe("study", "run", str(workdir / "missing.yaml"), check=False)
+    assert res.returncode == 2 and "no such configuration file" in res.stderr
+
+
+def test_resume_needs_a_study_directory_and_the_same_file(workdir):
+    study = write_study(workdir / "s.yaml")
+    res = hilomoe("study", "run", str(study), "--resume", "--out", "nowhere", check=False)
+    assert res.returncode == 2 and "not a study directory" in res.stderr
+    from hilomoe.study.driver import STUDY_FILE, StudyRun
+    from hilomoe.study.spec import load_study
+
+    (workdir / "st").mkdir()
+    StudyRun(str(workdir / "st"), load_study(study).model_dump(mode="json"), "ds", "tiny",
+             "sqlite:///x.db").save()
+    assert (workdir / "st" / STUDY_FILE).is_file()
+    changed = write_study(workdir / "s2.yaml", **{"budget.trials": 5})
+    res = hilomoe("study", "run", str(changed), "--resume", "--out", "st", check=False)
+    assert res.returncode == 2 and "the study file changed" in res.stderr
+    res = hilomoe("study", "run", str(study), "--out", "st", check=False)
+    assert res.returncode == 2 and "already holds a study" in res.stderr
+
+
+# -- a whole study -----------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_study_runs_trials_shares_stage_1_tracks_mlflow_and_reports(workdir):
+    study = write_study(workdir / "tiny.yaml")
+    summary = one_json(hilomoe("study", "run", str(study), "--json").stdout)
+    assert {"best", "pareto", "trials", "stage1_reused", "study_dir",
+            "mlflow_experiment"} <= summary.keys()
+    trials = summary["trials"]
+    assert len(trials) == 4 and summary["counts"]["completed"] == 4
+    # every trial has the same base: exactly one trains stage 1, the others adopt it
+    assert summary["stage1_reused"] == 3 == sum(t["stage1_reused"] for t in trials)
+    assert summary["stage1_saved_s"] > 0
+    best = max(trials, key=lambda t: t["valid_auc"])
+    assert summary["best"]["trial_id"] == best["trial_id"]
+    assert summary["best"]["metrics"]["valid_auc"] == best["valid_auc"]
+    assert summary["best"]["config"]["model"]["moe"]["variant"] == best["params"]["model.moe.variant"]
+    for p in summary["pareto"]:  # nothing on the front is beaten on both objectives
+        assert {"variant", "auc", "flops"} <= p.keys()
+        assert not any(t["valid_auc"] > p["auc"] and t["flops"] < p["flops"] for t in trials)
+
+    study_dir = Path(summary["study_dir"])
+    assert (study_dir / "report" / "report.md").is_file()
+    assert (study_dir / "report" / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # MLflow: one parent, one child per trial, per-stage epoch metrics, the best model
+    uri = summary["tracking_uri"]
+    assert uri == f"sqlite:///{workdir / 'mlflow.db'}"
+    c = client(uri)
+    exp = c.get_experiment_by_name(summary["mlflow_experiment"])
+    runs = c.search_runs([exp.experiment_id])
+    parent = [r for r in runs if r.info.run_id == summary["mlflow_run_id"]][0]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == 4 and parent.info.status == "FINISHED"
+    assert "report/report.md" in [a.path for a in c.list_artifacts(parent.info.run_id, "report")]
+    base_aucs = set()
+    for child in children:
+        history = c.get_metric_history(child.info.run_id, "base/valid_auc")
+        assert [m.step for m in history] == list(range(len(history))) and history
+        base_aucs.add(tuple(m.value for m in history))
+        assert child.data.params["model.moe.variant"] in ("dense", "hilomoe", "flat")
+        assert "test_auc" in child.data.metrics and "flops" in child.data.metrics
+    # a shared stage 1 is one stage 1: every trial shows the same base-stage epochs
+    assert len(base_aucs) == 1
+    best_run = next(r for r in children if r.info.run_name == best["trial_id"])
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    models = mlflow.search_logged_models(experiment_ids=[exp.experiment_id],
+                                         output_format="list")
+    assert [m.source_run_id for m in models] == [best_run.info.run_id]
+
+    # the report again, from the study directory and from the MLflow experiment
+    again = one_json(hilomoe("study", "report", str(study_dir), "--json").stdout)
+    assert again["trials"] == 4 and again["pareto"] == summary["pareto"]
+    from_mlflow = one_json(hilomoe("study", "report", "tiny", "--json").stdout)
+    assert from_mlflow["pareto"] == summary["pareto"]
+    assert Path(from_mlflow["markdown"]).is_file()
+
+
+@pytest.mark.slow
+def test_a_killed_study_driver_resumes_without_rerunning_finished_trials(workdir):
+    study = write_study(workdir / "tiny.yaml", **{"budget.trials": 6, "budget.concurrency": 1,
+                                                  "train.data.synth.rows": 20000})
+    out = workdir / "runs" / "tiny"
+    proc = subprocess.Popen([sys.executable, "-m", "hilomoe", "study", "run", str(study),
+                             "--no-cache"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            if len(list((out / "trials").glob("*.json"))) >= 2:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.stderr.read()
+    finally:
+        kill_tree(proc)  # the driver and the Ray it started, nothing else
+    finished = {p.stem for p in (out / "trials").glob("*.json")}
+    assert 2 <= len(finished) < 6 and not (out / "result.json").exists()
+    mark = time.time()
+    summary = one_json(hilomoe("study", "run", str(study), "--no-cache", "--resume",
+                               "--json").stdout)
+    assert len(summary["trials"]) == 6 and summary["counts"]["completed"] == 6
+    events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+    retrained = {e["trial_id"] for e in events
+                 if e["time"] > mark and e["kind"] == "result" and not e["reused"]}
+    assert not retrained & finished  # no epoch of a finished trial ran again
+    # MLflow: still one parent run, one child per trial
+    c = client(summary["tracking_uri"])
+    exp = c.get_experiment_by_name("tiny")
+    runs = c.search_runs([exp.experiment_id])
+    assert len([r for r in runs if "mlflow.parentRunId" not in r.data.tags]) == 1
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert {r.info.run_name for r in children if r.info.status == "FINISHED"} == \
+           {t["trial_id"] for t in summary["trials"]}
+    # a trial started after Tune's last snapshot was replaced by a new one: its run was closed
+    assert all(r.info.status == "KILLED" for r in children
+               if r.info.run_name not in {t["trial_id"] for t in summary["trials"]})
+
+
+def _rest(url: str, path: str, body: dict | None = None, **query: str) -> dict:
+    """MLflow's REST API: POST with a JSON body, or GET with query parameters."""
+    target = f"{url}/api/2.0/mlflow/{path}"
+    if query:
+        target += "?" + urllib.parse.urlencode(query)
+    req = urllib.request.Request(target, data=None if body is None else json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        return json.loads(resp.read())
+
+
+@pytest.mark.slow
+def test_a_study_survives_its_mlflow_server_restarting(workdir):
+    """A real `mlflow server` on loopback: it stops after the first trial and comes back a
+    little later; the study goes on, warns, replays what it buffered, and every trial's run
+    can be read back through MLflow's REST API."""
+    server_dir = workdir / "server"
+    server_dir.mkdir()
+    port = free_port()
+    server, url = start_mlflow_server(server_dir, port=port)
+    # trials of several seconds: the server is down for one of them and back well before the
+    # end (the tracker retries every 10 s)
+    study = write_study(workdir / "tiny.yaml", **{"budget.trials": 5, "budget.concurrency": 1,
+                                                  "train.data.synth.rows": 60000})
+    env = {**os.environ, "MLFLOW_TRACKING_URI": url}
+    proc = subprocess.Popen([sys.executable, "-m", "hilomoe", "study", "run", str(study),
+                             "--no-cache", "--json"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    try:
+        trials = workdir / "runs" / "tiny" / "trials"
+        deadline = time.time() + 300
+        while time.time() < deadline and not list(trials.glob("*.json")):
+            assert proc.poll() is None, proc.stderr.read()
+            time.sleep(0.2)
+        stop_mlflow_server(server)
+        while time.time() < deadline and len(list(trials.glob("*.json"))) < 2:
+            time.sleep(0.2)
+        server, url = start_mlflow_server(server_dir, port=port)
+        stdout, stderr = proc.communicate(timeout=300)
+    finally:
+        kill_tree(proc)
+        stop_mlflow_server(server)
+        server, url = start_mlflow_server(server_dir, port=port)
+    try:
+        assert proc.returncode == 0, stderr
+        summary = one_json(stdout)
+        assert summary["counts"]["completed"] == 5
+        assert stderr.count("unreachable") == 1 and "reachable again" in stderr
+        exp = _rest(url, "experiments/get-by-name", experiment_name="tiny")["experiment"]
+        runs = _rest(url, "runs/search", {"experiment_ids": [exp["experiment_id"]],
+                                          "max_results": 100})["runs"]
+        tags = [{t["key"]: t["value"] for t in r["data"].get("tags", [])} for r in runs]
+        children = [r for r, t in zip(runs, tags) if "mlflow.parentRunId" in t]
+        assert len(children) == 5
+        for r in children:
+            metrics = {m["key"] for m in r["data"]["metrics"]}
+            params = {p["key"]: p["value"] for p in r["data"]["params"]}
+            stages = ["base"] + (["experts", "joint"] if params["model.moe.variant"] != "dense"
+                                 else [])
+            assert {f"{s}/valid_auc" for s in stages} | {"test_auc", "flops"} <= metrics
+            assert r["info"]["status"] == "FINISHED"
+    finally:
+        stop_mlflow_server(server)
+
+
+@pytest.mark.slow
+def test_hilomoe_ui_serves_the_default_store(workdir):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "hilomoe", "ui", "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            assert proc.poll() is None, proc.stderr.read()
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("the MLflow UI did not answer")
+        assert (workdir / "mlflow.db").is_file()  # the store a study in this directory uses
+    finally:
+        kill_tree(proc)

@@ -1,0 +1,227 @@
+"""The Ray-free parts of a study: search space, stage-1 cache, records, overhead arithmetic."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from hilomoe.bench.study import measure
+from hilomoe.config import StageName, parse_config
+from hilomoe.data.synth import write_synth
+from hilomoe.engine.local import build_model, parquet_sources
+from hilomoe.engine.loop import Engine, run_stages
+from hilomoe.study.cache import Stage1Cache, Stage1Entry
+from hilomoe.study.records import best_record, trial_record
+from hilomoe.study.space import SearchSpace
+from hilomoe.study.spec import parse_study
+
+TRAIN = {
+    "data": {"synth": {"rows": 3000, "categorical_fields": 4, "vocab_size": 10,
+                       "numeric_fields": 1, "depth": 2, "branching": 3}},
+    "model": {"embedding_dim": 4, "backbone": {"mlp": [8], "cross_layers": 1},
+              "moe": {"levels": 2, "experts": 4, "top_k": 2}},
+    "stages": {"base": {"epochs": 3}, "experts": {"epochs": 2}, "joint": {"epochs": 2}},
+}
+
+
+def study(space: dict, **extra) -> dict:
+    return {"name": "t", "train": TRAIN, "space": space, **extra}
+
+
+# -- search space ---------------------------------------------------------------------------
+
+
+def test_tune_domains_sample_inside_the_declared_bounds():
+    spec = parse_study(study({
+        "model.moe.experts": {"choice": [2, 4]},
+        "model.moe.levels": {"int": [1, 3]},
+        "stages.joint.lr": {"float": [1e-4, 1e-2], "log": True},
+        "model.moe.rank": {"int": [2, 8], "step": 2},
+    }))
+    domains = SearchSpace(spec).tune_domains()
+    for _ in range(200):
+        p = {k: d.sample() for k, d in domains.items()}
+        assert p["model.moe.experts"] in (2, 4)
+        assert 1 <= p["model.moe.levels"] <= 3  # the high bound is inclusive
+        assert 1e-4 <= p["stages.joint.lr"] <= 1e-2
+        assert p["model.moe.rank"] in (2, 4, 6, 8)
+    seen = {domains["model.moe.levels"].sample() for _ in range(300)}
+    assert seen == {1, 2, 3}
+
+
+def test_a_choice_of_mappings_is_sampled_by_index_and_merged_into_its_setting():
+    recipes = [{}, {"base": {"enabled": False}, "experts": {"enabled": False},
+                    "joint": {"epochs": 7}}]
+    spec = parse_study(study({"stages": {"choice": recipes}, "seed": {"choice": [0, 1]}},
+                             sampler="grid"))
+    space = SearchSpace(spec)
+    assert space.grid() == {"stages": [0, 1], "seed": [0, 1]} and spec.grid_size() == 4
+    joint_only = spec.train.with_overrides(**space.overrides({"stages": 1, "seed": 1}))
+    assert not joint_only.stages.base.enabled and not joint_only.stages.experts.enabled
+    assert joint_only.stages.joint.epochs == 7
+    # merged, not replaced: the joint stage keeps the recipe's other settings
+    assert joint_only.stages.joint.base_lr_mult == spec.train.stages.joint.base_lr_mult
+    assert joint_only.seed == 1
+    three = spec.train.with_overrides(**space.overrides({"stages": 0, "seed": 0}))
+    assert three.stages == spec.train.stages
+
+
+def test_grid_sampling_needs_choices():
+    from hilomoe.config import ConfigError
+
+    with pytest.raises(ConfigError, match="sampler grid needs choice domains; space"):
+        parse_study(study({"model.moe.levels": {"int": [1, 3]}}, sampler="grid"))
+
+
+def test_labels_are_short_and_unique():
+    spec = parse_study(study({"stages.base.lr": {"float": [1e-3, 1e-2]},
+                              "stages.joint.lr": {"float": [1e-3, 1e-2]},
+                              "model.moe.experts": {"choice": [2, 4]}}))
+    assert SearchSpace(spec).labels() == {"stages.base.lr": "lr", "stages.joint.lr": "joint.lr",
+                                          "model.moe.experts": "experts"}
+
+
+# -- stage-1 cache ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "ds"
+    write_synth(parse_config(TRAIN).data.synth, path)
+    return path
+
+
+def cfg_with(dataset, **overrides):
+    return parse_config(TRAIN).with_overrides(**{"data.path": str(dataset), **overrides})
+
+
+def test_the_cache_key_depends_on_the_base_and_not_on_the_experts(dataset):
+    key = Stage1Cache.key
+    base = key(cfg_with(dataset), dataset)
+    assert key(cfg_with(dataset, **{"model.moe.experts": 2, "model.moe.levels": 3,
+                                    "model.moe.variant": "flat", "stages.joint.lr": 0.1,
+                                    "stages.experts.epochs": 9}), dataset) == base
+    assert key(cfg_with(dataset, **{"model.moe.variant": "dense"}), dataset) == base
+    for change in ({"seed": 1}, {"model.embedding_dim": 8}, {"model.backbone.mlp": [16]},
+                   {"stages.base.lr": 0.01}, {"stages.base.epochs": 4}):
+        assert key(cfg_with(dataset, **change), dataset) != base, change
+
+
+def test_the_cache_key_changes_when_the_data_files_change(dataset, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(dataset, copy)
+    before = Stage1Cache.key(cfg_with(copy), copy)
+    shard = next((copy / "train").glob("*.parquet"))
+    shard.write_bytes(shard.read_bytes())  # same bytes, new modification time
+    assert Stage1Cache.key(cfg_with(copy), copy) != before
+
+
+def _engine(cfg):
+    return Engine(build_model(cfg, engine_dataset(cfg).schema), cfg.stages,
+                  keep_stage_models=True)
+
+
+def test_every_variant_trains_the_same_stage_1_as_the_dense_baseline(dataset):
+    """What makes sharing exact: stage 1 of any MoE variant equals the non-MoE model's, bit for
+    bit (seeded base initialisation independent of the experts, experts off in stage 1)."""
+    results = {}
+    for variant in ("dense", "hilomoe", "flat", "sequential", "dense_experts"):
+        cfg = cfg_with(dataset, **{"model.moe.variant": variant})
+        engine = _engine(cfg)
+        src = parquet_sources(engine_dataset(cfg), cfg)
+        records = list(engine.fit_stage(StageName.BASE, src["train"], src["valid"]))
+        results[variant] = (engine.model.base_state(), [r.valid["auc"] for r in records])
+    dense_state, dense_aucs = results.pop("dense")
+    for variant, (state, aucs) in results.items():
+        assert aucs == dense_aucs, variant
+        assert state.keys() == dense_state.keys(), variant
+        assert all(torch.equal(state[k], dense_state[k]) for k in state), variant
+
+
+def engine_dataset(cfg):
+    from hilomoe.data.dataset import open_dataset
+
+    return open_dataset(cfg.data.path)
+
+
+def test_a_trial_that_adopts_a_cached_stage_1_ends_where_training_it_would(dataset, tmp_path):
+    """The cache round trip (put, get, adopt) changes nothing: same final weights, same test
+    metrics, same epoch records as a trial that trained all three stages itself."""
+    cfg = cfg_with(dataset)
+    src = parquet_sources(engine_dataset(cfg), cfg)
+    full = _engine(cfg)
+    full_result = run_stages(full, src["train"], src["valid"], src["test"])
+
+    donor = _engine(cfg_with(dataset, **{"model.moe.experts": 2}))
+    list(donor.fit_stage(StageName.BASE, src["train"], src["valid"]))
+    cache = Stage1Cache(tmp_path / "cache")
+    key = cache.key(cfg, dataset)
+    cache.put(key, Stage1Entry(donor.model.base_state(), list(donor.history), 1.5))
+    entry = cache.get(key)
+    assert entry.seconds == 1.5 and len(entry.history) == len(donor.history)
+
+    adopter = _engine(cfg)
+    adopter.adopt_stage(StageName.BASE, entry.weights, entry.history)
+    result = run_stages(adopter, src["train"], src["valid"], src["test"])
+    a, b = full.model.state_dict(), adopter.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert result["test"] == full_result["test"]
+    assert [(r.stage, r.epoch, r.valid["auc"]) for r in adopter.history] == \
+           [(r.stage, r.epoch, r.valid["auc"]) for r in full.history]
+
+
+def test_adopting_needs_a_fresh_engine(dataset):
+    cfg = cfg_with(dataset)
+    engine = _engine(cfg)
+    engine.adopt_stage(StageName.BASE, engine.model.base_state(), [])
+    with pytest.raises(RuntimeError, match="fresh engine"):
+        engine.adopt_stage(StageName.BASE, engine.model.base_state(), [])
+
+
+def test_a_second_put_of_the_same_key_keeps_the_first(tmp_path):
+    cache = Stage1Cache(tmp_path)
+    cache.put("k", Stage1Entry({"w": torch.ones(2)}, [], 1.0))
+    cache.put("k", Stage1Entry({"w": torch.zeros(2)}, [], 2.0))
+    entry = cache.get("k")
+    assert torch.equal(entry.weights["w"], torch.ones(2)) and entry.seconds == 1.0
+    assert cache.get("other") is None
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no leftovers
+
+
+# -- records and the overhead arithmetic ------------------------------------------------------
+
+
+def test_records_say_completed_pruned_or_failed(dataset):
+    cfg = cfg_with(dataset)
+    schema = engine_dataset(cfg).schema
+    epoch = {"stage": "joint", "epoch": 1, "valid_auc": 0.7, "elapsed_s": 3.0}
+    final = {"final": True, "valid_auc": 0.71, "test_auc": 0.72, "train_seconds": 4.0,
+             "stage1_reused": True, "stage1_seconds": 2.0}
+    done = trial_record("a", {}, cfg, schema, [epoch, final], "done", None)
+    assert done["status"] == "completed" and done["test_auc"] == 0.72 and done["epochs"] == 1
+    assert done["stage1_reused"] and done["train_seconds"] == 4.0 and done["flops"] > 0
+    cut = trial_record("b", {}, cfg, schema, [epoch], "done", None)
+    assert cut["status"] == "pruned" and cut["test_auc"] is None and cut["valid_auc"] == 0.7
+    assert trial_record("c", {}, cfg, schema, [epoch], "failed", None)["status"] == "failed"
+    spec = parse_study(study({}))
+    assert best_record(spec, [cut, done])["trial_id"] == "a"
+
+
+def test_overhead_is_the_share_of_slot_time_not_spent_training():
+    events = [{"kind": "trial_start", "trial_id": "a", "time": 12.0},
+              {"kind": "trial_start", "trial_id": "b", "time": 12.0},
+              {"kind": "trial_end", "trial_id": "a", "time": 42.0},
+              {"kind": "trial_end", "trial_id": "b", "time": 32.0}]
+    summary = {"trials": [{"train_seconds": 27.0}, {"train_seconds": 18.0}],
+               "stage1_reused": 1, "stage1_saved_s": 5.0, "best": None}
+    m = measure(summary, events, t0=10.0, t1=50.0, concurrency=2)
+    assert m["slots"] == 2 and m["wall_s"] == 40.0 and m["train_s"] == 45.0
+    assert m["overhead_fraction"] == pytest.approx(1 - 45 / 80)
+    assert m["startup_s"] == 2.0 and m["tail_s"] == 8.0
+    assert m["trial_overhead_s"] == pytest.approx((30 + 20) - 45)  # trial wall - training
+    assert m["idle_slot_s"] == pytest.approx(80 - 50)  # slot-seconds with no trial
+    assert json.dumps(m)
