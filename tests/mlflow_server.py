@@ -55,16 +55,23 @@ def start_mlflow_server(tmp_path: Path, port: int | None = None,
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL)
     log.close()
+    try:
+        wait_healthy(url, proc, timeout)
+    except RuntimeError:
+        stop_mlflow_server(proc)
+        tail = (tmp_path / f"mlflow-server-{port}.log").read_text(errors="replace")[-3000:]
+        raise RuntimeError(f"mlflow server on {url} did not become healthy:\n{tail}") from None
+    return proc, url
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 90.0) -> None:
+    """Until `GET url/health` answers; RuntimeError if the process exits or time runs out."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            break
+    while time.monotonic() < deadline and proc.poll() is None:
         if _healthy(url):
-            return proc, url
+            return
         time.sleep(0.2)
-    stop_mlflow_server(proc)
-    tail = (tmp_path / f"mlflow-server-{port}.log").read_text(errors="replace")[-3000:]
-    raise RuntimeError(f"mlflow server on {url} did not become healthy:\n{tail}")
+    raise RuntimeError(f"mlflow server on {url} did not become healthy")
 
 
 def stop_mlflow_server(proc: subprocess.Popen, timeout: float = 20.0) -> None:

@@ -12,7 +12,7 @@ from hilomoe.config import StageName, parse_config
 from hilomoe.data.synth import write_synth
 from hilomoe.engine.local import build_model, parquet_sources
 from hilomoe.engine.loop import Engine, run_stages
-from hilomoe.study.cache import Stage1Cache, Stage1Entry
+from hilomoe.study.cache import Stage1Cache, Stage1Entry, TrialCache
 from hilomoe.study.records import best_record, trial_record
 from hilomoe.study.space import SearchSpace
 from hilomoe.study.spec import parse_study
@@ -118,6 +118,29 @@ def test_the_cache_key_changes_when_the_data_files_change(dataset, tmp_path):
     shard = next((copy / "train").glob("*.parquet"))
     shard.write_bytes(shard.read_bytes())  # same bytes, new modification time
     assert Stage1Cache.key(cfg_with(copy), copy) != before
+
+
+def test_a_trial_key_is_the_whole_configuration_but_not_how_it_ran(dataset, tmp_path):
+    key = TrialCache.key
+    base = key(cfg_with(dataset), dataset)
+    assert key(cfg_with(dataset, **{"ray.workers": 2, "ray.max_failures": 0}), dataset) == base
+    for change in ({"model.moe.experts": 2}, {"stages.joint.lr": 0.01}, {"seed": 3}):
+        assert key(cfg_with(dataset, **change), dataset) != base, change
+    cache = TrialCache(tmp_path)
+    cache.put(base, {"model": {"w": torch.ones(1)}}, {"seconds": 2.0})
+    state, summary = cache.get(base)
+    assert torch.equal(state["model"]["w"], torch.ones(1)) and summary == {"seconds": 2.0}
+
+
+def test_every_shipped_study_file_is_valid():
+    from pathlib import Path
+
+    from hilomoe.study.spec import load_study
+
+    files = sorted(Path(__file__).parents[1].joinpath("studies").glob("*.yaml"))
+    names = {load_study(f).name for f in files if f.name != "train_example.yaml"}
+    assert names == {"quickstart", "expert_scaling", "depth_scaling", "rank_ablation",
+                     "routing_ablation", "stage_ablation", "paper_replication", "smoke"}
 
 
 def _engine(cfg):

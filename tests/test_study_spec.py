@@ -53,3 +53,9 @@ def test_load_study_reads_yaml(tmp_path):
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump(study(space={"model.moe.experts": {"choice": [4, 8]}})))
     assert load_study(path).name == "s"
+
+
+def test_a_training_configuration_given_as_a_study_is_named_as_such():
+    example = Path(__file__).parents[1] / "studies" / "train_example.yaml"
+    with pytest.raises(ConfigError, match="a training configuration, not a study file"):
+        load_study(example)

@@ -346,7 +346,8 @@ def cmd_study_run(args: argparse.Namespace) -> int:
     from hilomoe.study.spec import load_study, parse_study
 
     spec = load_study(args.study)
-    budget = {"trials": args.trials, "concurrency": args.concurrency}
+    budget = {"trials": args.trials, "concurrency": args.concurrency,
+              "cpus_per_trial": args.cpus_per_trial, "gpus_per_trial": args.gpus_per_trial}
     budget = {k: v for k, v in budget.items() if v is not None}
     if budget:
         raw = spec.model_dump(mode="json")
@@ -664,6 +665,10 @@ def build_parser() -> argparse.ArgumentParser:
     sr.add_argument("--trials", type=int, default=None, help="override budget.trials")
     sr.add_argument("--concurrency", type=int, default=None,
                     help="override budget.concurrency")
+    sr.add_argument("--cpus-per-trial", type=float, default=None,
+                    help="override budget.cpus_per_trial")
+    sr.add_argument("--gpus-per-trial", type=float, default=None,
+                    help="override budget.gpus_per_trial (a trial with a GPU trains on it)")
     sr.add_argument("--no-cache", action="store_true",
                     help="train every trial's stage 1 (no stage-1 sharing)")
     rp = _command(

@@ -1,4 +1,5 @@
-"""The stage-1 cache: trials that share a base model and a dataset share one trained stage 1.
+"""The study caches: trials that share a base model and a dataset share one trained stage 1, and
+a configuration trained before is not trained again.
 
 Stage 1 trains the non-MoE base with the experts off, from a seeded base initialisation that
 does not depend on the experts (`engine.local.build_model`). Its result is therefore a function
@@ -12,6 +13,8 @@ file lock makes concurrent trials with the same key wait for the first instead o
     key = cache.key(cfg, dataset_dir)
     with cache.claim(key):                       # one trainer per key at a time
         entry = cache.get(key) or train_and_put(...)
+
+`TrialCache` does the same for whole trials, keyed by the complete configuration.
 """
 
 from __future__ import annotations
@@ -48,55 +51,38 @@ def dataset_fingerprint(path: str | Path) -> str:
     return h.hexdigest()
 
 
-@dataclass
-class Stage1Entry:
-    weights: dict  # the base parameters' state dict (stage 1's best epoch)
-    history: list[EpochRecord]  # stage 1's epochs, as the trial that trained it saw them
-    seconds: float  # training and validation seconds the entry cost (saved by every reuse)
+def _hash(inputs: dict) -> str:
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:24]
 
 
-class Stage1Cache:
+class KeyedStore:
+    """Directories by content key under `root`: written aside and renamed into place (a reader
+    sees a whole entry or none), with one lock per key."""
+
     def __init__(self, root: str | Path):
         self.root = Path(root)
 
-    @staticmethod
-    def key(cfg: TrainConfig, dataset: str | Path) -> str:
-        inputs = {
-            "dataset": dataset_fingerprint(dataset),
-            "seed": cfg.seed,
-            "embedding_dim": cfg.model.embedding_dim,
-            "backbone": cfg.model.backbone.model_dump(mode="json"),
-            "stage": cfg.stages.base.model_dump(mode="json"),
-            "shuffle_buffer": cfg.ray.shuffle_buffer,
-        }
-        return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:24]
-
-    def _dir(self, key: str) -> Path:
+    def path(self, key: str) -> Path:
         return self.root / key
 
-    def get(self, key: str) -> Stage1Entry | None:
-        d = self._dir(key)
-        if not (d / RECORDS).is_file():
-            return None
-        meta = json.loads((d / RECORDS).read_text())
-        return Stage1Entry(torch.load(d / WEIGHTS, weights_only=True),
-                           [EpochRecord(**r) for r in meta["history"]], meta["seconds"])
-
-    def put(self, key: str, entry: Stage1Entry) -> None:
+    def write(self, key: str, files: dict[str, object]) -> None:
+        """`files`: name -> object (`.json` names as JSON, others with torch.save)."""
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=self.root))
-        torch.save(entry.weights, tmp / WEIGHTS)
-        (tmp / RECORDS).write_text(json.dumps(
-            {"history": [asdict(r) for r in entry.history], "seconds": entry.seconds}))
+        for name, obj in files.items():
+            if name.endswith(".json"):
+                (tmp / name).write_text(json.dumps(obj))
+            else:
+                torch.save(obj, tmp / name)
         try:
-            os.rename(tmp, self._dir(key))
+            os.rename(tmp, self.path(key))
         except OSError:  # another process stored the same key first: theirs is as good
             shutil.rmtree(tmp, ignore_errors=True)
 
     @contextlib.contextmanager
     def claim(self, key: str) -> Iterator[None]:
-        """Hold the key's lock: a second trial with the same base waits here, then finds the
-        first one's entry instead of training stage 1 again."""
+        """Hold the key's lock: a second trial with the same key waits here, then finds the
+        first one's entry instead of computing it again."""
         self.root.mkdir(parents=True, exist_ok=True)
         with open(self.root / f"{key}.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
@@ -104,3 +90,60 @@ class Stage1Cache:
                 yield
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+@dataclass
+class Stage1Entry:
+    weights: dict  # the base parameters' state dict (stage 1's best epoch)
+    history: list[EpochRecord]  # stage 1's epochs, as the trial that trained it saw them
+    seconds: float  # training and validation seconds the entry cost (saved by every reuse)
+
+
+class Stage1Cache(KeyedStore):
+    @staticmethod
+    def key(cfg: TrainConfig, dataset: str | Path) -> str:
+        return _hash({
+            "dataset": dataset_fingerprint(dataset),
+            "seed": cfg.seed,
+            "embedding_dim": cfg.model.embedding_dim,
+            "backbone": cfg.model.backbone.model_dump(mode="json"),
+            "stage": cfg.stages.base.model_dump(mode="json"),
+            "shuffle_buffer": cfg.ray.shuffle_buffer,
+        })
+
+    def get(self, key: str) -> Stage1Entry | None:
+        d = self.path(key)
+        if not (d / RECORDS).is_file():
+            return None
+        meta = json.loads((d / RECORDS).read_text())
+        return Stage1Entry(torch.load(d / WEIGHTS, weights_only=True),
+                           [EpochRecord(**r) for r in meta["history"]], meta["seconds"])
+
+    def put(self, key: str, entry: Stage1Entry) -> None:
+        self.write(key, {WEIGHTS: entry.weights, RECORDS: {
+            "history": [asdict(r) for r in entry.history], "seconds": entry.seconds}})
+
+
+class TrialCache(KeyedStore):
+    """Finished trials by their whole configuration: a sampler that proposes a configuration
+    again (TPE does, in small discrete spaces) gets the earlier result instead of a retrain."""
+
+    STATE, SUMMARY = "state.pt", "summary.json"
+
+    @staticmethod
+    def key(cfg: TrainConfig, dataset: str | Path) -> str:
+        raw = cfg.model_dump(mode="json")
+        raw.pop("ray")  # how it ran, not what it computed (the shuffle buffer aside)
+        raw["data"].pop("path")
+        return _hash({"dataset": dataset_fingerprint(dataset), "config": raw,
+                      "shuffle_buffer": cfg.ray.shuffle_buffer})
+
+    def get(self, key: str) -> tuple[dict, dict] | None:
+        d = self.path(key)
+        if not (d / self.SUMMARY).is_file():
+            return None
+        return (torch.load(d / self.STATE, weights_only=False),
+                json.loads((d / self.SUMMARY).read_text()))
+
+    def put(self, key: str, state: dict, summary: dict) -> None:
+        self.write(key, {self.STATE: state, self.SUMMARY: summary})

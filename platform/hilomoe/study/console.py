@@ -56,7 +56,8 @@ class TrialTable:
         elif kind == "trial_end":
             r = event["record"]
             row.update(status=r["status"], auc=r.get("valid_auc"), test=r.get("test_auc"),
-                       flops=r.get("flops"), reused=r.get("stage1_reused"))
+                       flops=r.get("flops"), reused=r.get("stage1_reused"),
+                       replayed=r.get("trial_reused"))
         if self.console.is_terminal:
             self._redraw(force=kind != "result")
         elif kind in ("trial_start", "trial_end"):
@@ -68,7 +69,8 @@ class TrialTable:
         done = sum(r["status"] != "running" for r in self.rows.values())
         if kind == "trial_start":
             return f"trial {tid} started   {params}"
-        reused = " (stage 1 reused)" if row.get("reused") else ""
+        reused = (" (replayed: trained before)" if row.get("replayed")
+                  else " (stage 1 reused)" if row.get("reused") else "")
         return (f"trial {tid} {row['status']:<9} valid auc {_fmt(row.get('auc'))} test auc "
                 f"{_fmt(row.get('test'))} FLOPs {_fmt(row.get('flops'))}{reused}   "
                 f"[{done}/{self.total} done]")

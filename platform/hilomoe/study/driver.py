@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -87,7 +88,7 @@ def _open_run(spec: StudySpec, study_dir: Path, resume: bool, cache: bool) -> St
     dataset = dataset_path(spec.train)  # checked (or generated) before Ray starts
     study_dir.mkdir(parents=True, exist_ok=True)
     run = StudyRun(str(study_dir), spec.model_dump(mode="json"), str(dataset), spec.name,
-                   tracking_uri(), cache_dir=str(cache_dir() / "stage1") if cache else None)
+                   tracking_uri(), cache_dir=str(cache_dir()) if cache else None)
     run.save()
     return run
 
@@ -156,18 +157,23 @@ def _sampler(spec: StudySpec, space: SearchSpace):
                                       n_startup_trials=min(10, max(2, spec.budget.trials // 3)))
 
 
-def _check_fits(spec: StudySpec, cluster: dict) -> None:
+def _check_fits(spec: StudySpec, cluster: dict, fixed: bool,
+                warn: Callable[[str], None]) -> None:
     """Trials running at once must fit the cluster. Tune sees only what a multi-worker trial
-    itself holds, not its workers', so it cannot be left to queue them."""
+    itself holds, not its workers', so it cannot be left to queue them. A local Ray we started
+    cannot grow: refuse. A cluster may autoscale: say what it waits for."""
     b = spec.budget
     cpus, gpus = cluster.get("CPU", 0.0), cluster.get("GPU", 0.0)
     at_once = min(b.concurrency, b.trials)
     if at_once * b.cpus_per_trial > cpus + 1e-9 or at_once * b.gpus_per_trial > gpus + 1e-9:
-        raise HilomoeError(
-            f"budget: {at_once} trial(s) at once x {b.cpus_per_trial:g} CPU"
-            f"{f' and {b.gpus_per_trial:g} GPU' if b.gpus_per_trial else ''} do not fit the Ray "
-            f"cluster ({cpus:g} CPU, {gpus:g} GPU); lower budget.concurrency or the resources "
-            f"per trial, or use a bigger cluster.")
+        need = (f"{at_once} trial(s) at once x {b.cpus_per_trial:g} CPU"
+                f"{f' and {b.gpus_per_trial:g} GPU' if b.gpus_per_trial else ''}")
+        if fixed:
+            raise HilomoeError(
+                f"budget: {need} do not fit the local Ray ({cpus:g} CPU, {gpus:g} GPU); lower "
+                f"budget.concurrency or the resources per trial, or run on a bigger cluster.")
+        warn(f"budget: {need} do not fit the cluster as it is now ({cpus:g} CPU, {gpus:g} "
+             f"GPU); trials wait until the autoscaler adds nodes.")
     if b.workers_per_trial > 1:
         from hilomoe.train.resources import plan_workers
 
@@ -199,17 +205,23 @@ def run_study(spec: StudySpec, study_dir: str | Path, resume: bool = False,
             print(f"hilomoe: warning: {message}", file=sys.stderr)
 
     tracker = Tracker(run.experiment, run.tracking_uri, on_warning=warn)
-    tracker.start_study(params={"study": spec.model_dump(mode="json")},
-                        tags={"hilomoe.study_dir": str(study_dir)}, run_id=run.parent_run_id)
+    # the parent run (and a new store's tables) while Ray starts: both take seconds
+    opening = threading.Thread(target=tracker.start_study, kwargs=dict(
+        params={"study": spec.model_dump(mode="json")},
+        tags={"hilomoe.study_dir": str(study_dir)}, run_id=run.parent_run_id))
+    opening.start()
+    try:
+        started = connect_ray()
+    finally:
+        opening.join()
     run.parent_run_id = tracker.parent_run_id  # None while MLflow is unreachable
     run.save()
-    started = connect_ray()
     import ray
 
     from hilomoe.study.callback import StudyCallback, attach
 
     try:
-        _check_fits(spec, ray.cluster_resources())
+        _check_fits(spec, ray.cluster_resources(), fixed=started, warn=warn)
         attach(study_dir, tracker, console)
         tuner = _tuner(run, StudyCallback(study_dir), resume)
         try:
@@ -257,6 +269,8 @@ def _conclude(run: StudyRun, tracker, wall_s: float) -> dict:
         "counts": counts,
         "stage1_reused": len(reused),
         "stage1_saved_s": sum(r["stage1_seconds"] for r in reused),
+        "trials_reused": sum(r.get("trial_reused", False) for r in records),
+        "trials_saved_s": sum(r.get("trial_saved_s", 0.0) for r in records),
         "train_s": sum(r["train_seconds"] or 0.0 for r in records),
         "wall_s": wall_s,
         "study_dir": str(study_dir),

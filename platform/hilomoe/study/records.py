@@ -4,8 +4,11 @@
      "variant", "levels", "experts", "rank", "top_k",
      "valid_auc", "valid_logloss", "test_auc", "test_logloss",      # test: completed only
      "flops", "params_total", "params_active", "params_embedding",   # per sample, analytic
-     "epochs", "train_seconds", "stage1_reused", "stage1_seconds", "checkpoint"}
+     "epochs", "train_seconds", "stage1_reused", "stage1_seconds", "trial_reused", "trial_saved_s",
+     "checkpoint"}
 
+A replayed trial (`trial_reused`: its configuration was trained before) trained nothing: its
+`train_seconds` is 0 and `trial_saved_s` what the original took.
 A trial's validation metrics are those of its final model (the best epoch of its last stage);
 a pruned trial's are those of its last epoch.
 """
@@ -44,6 +47,8 @@ def trial_record(trial_id: str, params: dict, cfg, schema, results: list[dict], 
         "epochs": sum(1 for r in results if "stage" in r and not r.get("reused")),
         "train_seconds": last.get("train_seconds", last.get("elapsed_s", 0.0)),
         "stage1_reused": bool(last.get("stage1_reused")),
+        "trial_reused": bool(last.get("trial_reused")),
+        "trial_saved_s": float(last.get("trial_saved_s") or 0.0),
         "stage1_seconds": float(last.get("stage1_seconds") or 0.0),
         "checkpoint": checkpoint,
     }

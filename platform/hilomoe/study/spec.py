@@ -23,6 +23,7 @@ import itertools
 from pathlib import Path
 from typing import Any, Literal
 
+import yaml
 from pydantic import ConfigDict, Field, model_validator
 
 from hilomoe.config import ConfigError, Strict, TrainConfig, load_config, parse_config
@@ -146,6 +147,14 @@ def parse_study(raw: Any, source: str = "study") -> StudySpec:
 
 
 def load_study(path: str | Path) -> StudySpec:
-    spec = load_config(path, StudySpec)
+    try:
+        spec = load_config(path, StudySpec)
+    except ConfigError:
+        raw = yaml.safe_load(Path(path).read_text()) if Path(path).is_file() else None
+        if isinstance(raw, dict) and "train" not in raw and set(raw) & set(TrainConfig.model_fields):
+            raise ConfigError(f"{path}: a training configuration, not a study file; train it "
+                              f"with `hilomoe train {path}`, or put it under `train:` in a study "
+                              f"file with a name and a space (see studies/quickstart.yaml).") from None
+        raise
     _check_space(spec, str(path))
     return spec

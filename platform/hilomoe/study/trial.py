@@ -9,7 +9,8 @@ reach Tune through `TuneReportCallback`. Both report the same metrics after ever
 checkpoint that a restored study continues from, and a final report with the test metrics.
 
 Stage 1 of an in-process trial goes through the stage-1 cache: the first trial of each distinct
-base trains it and stores it; the others adopt it (reported as `stage1_reused`).
+base trains it and stores it; the others adopt it (reported as `stage1_reused`). A trial whose
+whole configuration was trained before replays that result (`trial_reused`).
 """
 
 from __future__ import annotations
@@ -26,11 +27,11 @@ from hilomoe.data.dataset import open_dataset
 from hilomoe.engine.local import Data, build_model, parquet_sources, summarize
 from hilomoe.engine.loop import Engine, EpochRecord, run_stages
 from hilomoe.model.flops import model_cost
-from hilomoe.study.cache import Stage1Cache, Stage1Entry
+from hilomoe.study.cache import Stage1Cache, Stage1Entry, TrialCache
 from hilomoe.study.space import SearchSpace
 from hilomoe.study.spec import StudySpec
-from hilomoe.train.worker import (STATE_FILE, SUMMARY_FILE, checkpoint_dir, epoch_metrics,
-                                  final_metrics, read_checkpoint)
+from hilomoe.train.worker import (STATE_FILE, SUMMARY_FILE, autocast_dtype, checkpoint_dir,
+                                  epoch_metrics, final_metrics, read_checkpoint)
 
 
 TRIAL_CPU = 0.01  # what a trial holds while its TorchTrainer's workers hold the rest (0 is refused)
@@ -43,7 +44,7 @@ class TrialContext:
     spec: dict  # StudySpec, JSON form
     dataset: str  # canonical dataset directory
     study_dir: str
-    cache_dir: str | None  # stage-1 cache; None turns sharing off
+    cache_dir: str | None  # the stage-1 and trial caches; None turns sharing off
     threads: int = 1  # torch threads of an in-process trial
 
     @property
@@ -81,9 +82,14 @@ def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
     torch.set_num_threads(ctx.threads)
     dataset = open_dataset(ctx.dataset)
     sources = parquet_sources(dataset, cfg)
-    engine = Engine(build_model(cfg, dataset.schema), cfg.stages, keep_stage_models=True)
+    # Tune gives a trial that asked for a GPU its own (CUDA_VISIBLE_DEVICES)
+    device = torch.device("cuda" if ctx.study.budget.gpus_per_trial > 0
+                          and torch.cuda.is_available() else "cpu")
+    engine = Engine(build_model(cfg, dataset.schema), cfg.stages, device,
+                    autocast=autocast_dtype(cfg, device), keep_stage_models=True)
     plan = [s.value for s in engine.plan()]
-    fixed = {**trial_cost(cfg, dataset.schema), "stage1_reused": False, "stage1_seconds": 0.0}
+    fixed = {**trial_cost(cfg, dataset.schema), "stage1_reused": False, "stage1_seconds": 0.0,
+             "trial_reused": False}
     state, _ = read_checkpoint(tune.get_checkpoint())
     if state is not None:  # a restored trial: the engine skips what it finished
         engine.load_state_dict(state)
@@ -105,11 +111,26 @@ def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
         # a cached epoch carries no checkpoint: the next trained epoch's holds it
         report({**m, "reused": reused}, None if reused else state_files())
 
+    trials = TrialCache(Path(ctx.cache_dir) / "trials") if ctx.cache_dir else None
+    key = trials.key(cfg, ctx.dataset) if trials else None
+    cached = trials.get(key) if trials and state is None else None
+    if cached is not None:  # this configuration was trained before: replay its result
+        state, summary = cached
+        fixed.update(trial_reused=True)
+        engine.load_state_dict(state)
+        for record in engine.history:
+            on_epoch(record, reused=True)
+        report({**final_metrics(summary), "train_seconds": 0.0,
+                "trial_saved_s": summary["seconds"]},
+               {**state_files(), SUMMARY_FILE: summary})
+        return
     if state is None and ctx.cache_dir and plan[0] == StageName.BASE.value:
         fixed.update(_stage1(engine, cfg, ctx, sources, on_epoch))
     result = run_stages(engine, sources["train"], sources["valid"], sources["test"], on_epoch)
     data = Data(dataset.schema, {}, dataset.meta.extra.get("bayes"))
     summary = summarize(result, cfg, data, before + time.perf_counter() - start)
+    if trials:
+        trials.put(key, {**engine.state_dict(), "trial": fixed}, summary)
     report(final_metrics(summary), {**state_files(), SUMMARY_FILE: summary})
 
 
@@ -117,7 +138,7 @@ def _stage1(engine: Engine, cfg: TrainConfig, ctx: TrialContext, sources: dict,
             on_epoch: Callable[..., None]) -> dict:
     """Adopt the cached stage 1 of this trial's base, or train it and store it for the others.
     Returns the trial's stage-1 facts: whether it reused one, and what that saved."""
-    cache = Stage1Cache(ctx.cache_dir)
+    cache = Stage1Cache(Path(ctx.cache_dir) / "stage1")
     key = cache.key(cfg, ctx.dataset)
     with cache.claim(key):
         entry = cache.get(key)

@@ -139,7 +139,8 @@ class FaultyBatches:
             yield batch
 
 
-def _autocast(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast where asked, or by default on GPUs that support it; None: fp32."""
     if cfg.ray.precision == "bf16":
         return torch.bfloat16
     if cfg.ray.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported():
@@ -171,7 +172,7 @@ def train_loop(job_dict: dict) -> None:
         return torch.compile(module) if cfg.ray.compile else module
 
     engine = Engine(model, cfg.stages, device, wrap=wrap, gather=gather_predictions,
-                    autocast=_autocast(cfg, device), keep_stage_models=True)
+                    autocast=autocast_dtype(cfg, device), keep_stage_models=True)
     state, _ = read_checkpoint(ray.train.get_checkpoint())
     if state is not None:
         engine.load_state_dict(state)
