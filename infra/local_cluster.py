@@ -8,7 +8,7 @@
 
 Each node is a separate raylet with its own resources (`ray.cluster_utils.Cluster`, the way Ray
 tests itself), so node failures can be staged: `--kill-node-after S` removes the last worker node
-S seconds after start. The cluster uses token authentication with a fresh token of its own,
+S seconds after start, or at once on SIGUSR1 (`kill -USR1 <pid>`). The cluster uses token authentication with a fresh token of its own,
 passed to clients through the printed environment; it never reads or writes ~/.ray, and it
 never calls `ray stop`, which would kill every Ray process on the machine.
 """
@@ -58,9 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     cluster = Cluster(initialize_head=True, connect=False, head_node_args={
         "num_cpus": args.head_cpus, "include_dashboard": True, "dashboard_host": "127.0.0.1",
         "dashboard_port": port, **ports()})
-    stop = threading.Event()
+    stop, kill_now = threading.Event(), threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    signal.signal(signal.SIGUSR1, lambda *_: kill_now.set())  # a drill: lose a node now
     try:
         nodes = [cluster.add_node(num_cpus=args.cpus, num_gpus=args.gpus, **ports())
                  for _ in range(args.workers)]
@@ -72,11 +73,13 @@ def main(argv: list[str] | None = None) -> int:
                 "nodes": 1 + len(nodes), "pid": os.getpid()}
         print(json.dumps(info), flush=True)
         start = time.time()
-        while not stop.wait(0.5):
-            if args.kill_node_after is not None and nodes and time.time() - start > args.kill_node_after:
+        while not stop.wait(0.2):
+            due = args.kill_node_after is not None and time.time() - start > args.kill_node_after
+            if (due or kill_now.is_set()) and nodes:
                 cluster.remove_node(nodes.pop(), allow_graceful=False)
-                print(json.dumps({"removed_node": True}), flush=True)
+                print(json.dumps({"removed_node": True, "nodes": 1 + len(nodes)}), flush=True)
                 args.kill_node_after = None
+                kill_now.clear()
     finally:
         cluster.shutdown()
     return 0

@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+
+from helpers import kill_tree
 
 from hilomoe.config import MoEConfig, ModelConfig, Variant
 from hilomoe.model.ctr import FeatureSchema
@@ -48,3 +57,29 @@ def ray_local():
              logging_level="WARNING")
     yield ray
     ray.shutdown()
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def loopback_cluster(monkeypatch):
+    """infra/local_cluster.py: a head with its job server (1 CPU) and one worker node (1 CPU),
+    on 127.0.0.1, with a token of its own; stopped through its PID only. SIGUSR1 to `pid`
+    removes the worker node (a node-failure drill)."""
+    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    proc = subprocess.Popen([sys.executable, str(REPO / "infra" / "local_cluster.py"),
+                             "--workers", "1", "--cpus", "1", "--head-cpus", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line, "the local cluster did not start"
+        info = json.loads(line)
+        info["proc"] = proc
+        yield info
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            kill_tree(proc)

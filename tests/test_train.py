@@ -8,18 +8,16 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
 import yaml
 
-from helpers import hilomoe, one_json
+from helpers import hilomoe, kill_tree, one_json
 from hilomoe.config import RayConfig, parse_config
 from hilomoe.data.dataset import open_dataset
 from hilomoe.data.readers import ParquetBatches
@@ -176,11 +174,6 @@ def test_one_seeded_worker_is_bit_reproducible(ray_local, tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def _descendants_and_self(proc: subprocess.Popen) -> list[psutil.Process]:
-    root = psutil.Process(proc.pid)
-    return [root, *root.children(recursive=True)]
-
-
 @pytest.mark.slow
 def test_a_killed_driver_resumes_from_its_last_checkpoint(tmp_path):
     """The driver (with the local Ray it started) is killed mid-run; --resume finishes it."""
@@ -203,13 +196,7 @@ def test_a_killed_driver_resumes_from_its_last_checkpoint(tmp_path):
         assert proc.poll() is None, proc.stderr.read()
         assert len(ckpts) >= 2, "no checkpoint before the deadline"
     finally:
-        family = _descendants_and_self(proc)  # only what this test started
-        for p in family:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(family, timeout=30)
+        kill_tree(proc)  # only what this test started
     assert not (out / "result.json").exists()
     res = hilomoe("train", "--resume", str(out), "--json", env=env)
     result = one_json(res.stdout)
@@ -220,27 +207,6 @@ def test_a_killed_driver_resumes_from_its_last_checkpoint(tmp_path):
     printed = [line for line in res.stderr.splitlines() if "epoch" in line and "valid auc" in line]
     assert 0 < len(printed) < len(expected)
     assert result["out_dir"] == str(out.resolve()) and result["workers"] == 1
-
-
-@pytest.fixture
-def loopback_cluster(monkeypatch):
-    """infra/local_cluster.py: a head with its job server and one worker node, on 127.0.0.1,
-    with a token of its own; stopped through its PID only."""
-    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    proc = subprocess.Popen([sys.executable, str(REPO / "infra" / "local_cluster.py"),
-                             "--workers", "1", "--cpus", "1", "--head-cpus", "1"],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    try:
-        line = proc.stdout.readline()
-        assert line, "the local cluster did not start"
-        yield json.loads(line)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            for p in _descendants_and_self(proc):
-                p.kill()
 
 
 @pytest.mark.slow

@@ -119,6 +119,10 @@ class StudyCallback(Callback):
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         self._finish(trial, "failed")
 
+    def on_trial_recover(self, iteration, trials, trial, **info) -> None:
+        # its process or node died: Tune restarts it from its last checkpoint
+        self._event({"kind": "trial_recover", "trial_id": trial.trial_id})
+
     def on_experiment_end(self, trials, **info) -> None:
         self.live()["tracker"].flush()
 

@@ -43,6 +43,10 @@ class TrialTable:
         if kind == "warning":
             self.console.print(f"warning: {event['message']}", markup=False)
             return
+        if kind == "trial_recover":
+            self.console.print(f"trial {tid} lost its process or node; it continues from its "
+                               f"last checkpoint", markup=False)
+            return
         if kind == "end":
             if self._live is not None:
                 self._live.update(self.render(), refresh=True)

@@ -13,6 +13,7 @@ a tracking server that goes away costs buffered metrics, not trials.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -20,7 +21,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from hilomoe.errors import HilomoeError
 from hilomoe.study.space import SearchSpace
@@ -189,26 +190,51 @@ def _trial_dirname(trial) -> str:
 def run_study(spec: StudySpec, study_dir: str | Path, resume: bool = False,
               console: Callable[[dict], None] | None = None, cache: bool = True) -> dict:
     """Run (or continue) a study; returns the summary also written to result.json."""
-    from hilomoe.study.tracking import Tracker
-    from hilomoe.train.driver import connect_ray
-
     t0 = time.perf_counter()
     study_dir = Path(study_dir).resolve()
-    run = _open_run(spec, study_dir, resume, cache)
+    run = _open_run(spec, study_dir, resume, cache)  # before Ray: bad input fails fast
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")  # lose little on a killed driver
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # no CSV/TBX/JSON per trial
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    with _inside(study_dir):
+        return _drive(run, resume, console, t0)
+
+
+@contextlib.contextmanager
+def _inside(directory: Path) -> Iterator[None]:
+    """Work from `directory`. Tune resolves paths against the working directory, and the
+    working directory of a `ray job submit` can be removed under a running job (seen on a
+    one-machine multi-node cluster, whose nodes share it, as soon as the driver joins)."""
+    cwd = os.getcwd()
+    os.chdir(directory)
+    try:
+        yield
+    finally:
+        if os.path.isdir(cwd):
+            os.chdir(cwd)
+
+
+def _warner(console: Callable[[dict], None] | None) -> Callable[[str], None]:
     def warn(message: str) -> None:  # one sentence, on the console or else on stderr
         if console:
             console({"kind": "warning", "message": message})
         else:
             print(f"hilomoe: warning: {message}", file=sys.stderr)
 
+    return warn
+
+
+def _drive(run: StudyRun, resume: bool, console: Callable[[dict], None] | None,
+           t0: float) -> dict:
+    from hilomoe.study.tracking import Tracker
+    from hilomoe.train.driver import connect_ray
+
+    spec, warn = run.study, _warner(console)
     tracker = Tracker(run.experiment, run.tracking_uri, on_warning=warn)
     # the parent run (and a new store's tables) while Ray starts: both take seconds
     opening = threading.Thread(target=tracker.start_study, kwargs=dict(
         params={"study": spec.model_dump(mode="json")},
-        tags={"hilomoe.study_dir": str(study_dir)}, run_id=run.parent_run_id))
+        tags={"hilomoe.study_dir": run.study_dir}, run_id=run.parent_run_id))
     opening.start()
     try:
         started = connect_ray()
@@ -222,20 +248,19 @@ def run_study(spec: StudySpec, study_dir: str | Path, resume: bool = False,
 
     try:
         _check_fits(spec, ray.cluster_resources(), fixed=started, warn=warn)
-        attach(study_dir, tracker, console)
-        tuner = _tuner(run, StudyCallback(study_dir), resume)
+        attach(run.study_dir, tracker, console)
+        tuner = _tuner(run, StudyCallback(run.study_dir), resume)
         try:
             tuner.fit()
         except KeyboardInterrupt:
             raise HilomoeError(f"interrupted; continue the study with `hilomoe study run "
-                               f"STUDY.yaml --out {study_dir} --resume`") from None
+                               f"STUDY.yaml --out {run.study_dir} --resume`") from None
         if console:
             console({"kind": "end"})
-        summary = _conclude(run, tracker, time.perf_counter() - t0)
+        return _conclude(run, tracker, time.perf_counter() - t0)
     finally:
         if started:
             ray.shutdown()
-    return summary
 
 
 def _conclude(run: StudyRun, tracker, wall_s: float) -> dict:

@@ -1,0 +1,106 @@
+"""Studies on a real multi-node Ray cluster on loopback (infra/local_cluster.py): `ray job submit`
+of a study from the repository, with a real MLflow server, and a worker node lost mid-study."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from helpers import kill_tree, one_json
+from mlflow_server import start_mlflow_server, stop_mlflow_server
+from test_study import TINY, _rest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cluster_env(cluster: dict, **extra: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    return {**env, **cluster["env"], **extra}
+
+
+@pytest.mark.slow
+def test_ray_job_submit_runs_a_study_into_mlflow_and_the_storage_path(loopback_cluster,
+                                                                     tmp_path):
+    """The README's cluster path: `ray job submit --working-dir . -- hilomoe study run
+    studies/smoke.yaml` against a head with its job server and a second node; the trials land
+    in a real MLflow server and the results in the given storage path."""
+    server, url = start_mlflow_server(tmp_path / "mlflow")
+    try:
+        out = tmp_path / "shared" / "studies" / "smoke"
+        runtime = {"env_vars": {"MLFLOW_TRACKING_URI": url,
+                                "HILOMOE_CACHE": str(tmp_path / "shared" / "cache")}}
+        env = cluster_env(loopback_cluster)
+        env.pop("RAY_ADDRESS", None)  # the job gets the cluster's own address
+        submit = ["ray", "job", "submit", "--address", loopback_cluster["dashboard"],
+                  "--working-dir", ".", "--runtime-env-json", json.dumps(runtime), "--",
+                  "hilomoe", "study", "run", "studies/smoke.yaml", "--out", str(out), "--json"]
+        for _ in range(30):  # the head's job agent comes up a few seconds after the head
+            proc = subprocess.run(submit, capture_output=True, text=True, timeout=600,
+                                  env=env, cwd=REPO)
+            if "No available agent to submit job" not in proc.stderr + proc.stdout:
+                break
+            time.sleep(1)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert "succeeded" in proc.stdout
+        summary = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("{")][-1])
+        assert summary["counts"]["completed"] == 2 and summary["study_dir"] == str(out)
+        assert json.loads((out / "result.json").read_text())["best"] == summary["best"]
+        assert len(list((out / "trials").glob("*.json"))) == 2
+        assert (out / "report" / "report.md").is_file()
+        exp = _rest(url, "experiments/get-by-name", experiment_name="smoke")["experiment"]
+        runs = _rest(url, "runs/search", {"experiment_ids": [exp["experiment_id"]]})["runs"]
+        children = [r for r in runs if any(t["key"] == "mlflow.parentRunId"
+                                           for t in r["data"].get("tags", []))]
+        assert len(runs) == 3 and len(children) == 2
+        assert all(r["info"]["status"] == "FINISHED" for r in runs)
+    finally:
+        stop_mlflow_server(server)
+
+
+@pytest.mark.slow
+def test_a_study_survives_losing_a_worker_node(loopback_cluster, tmp_path):
+    """Two trials at a time on a head and a worker node; the worker node is removed when the
+    first trial ends. The trial it held restarts from its checkpoint on the head, the study
+    finishes, and no trial that had finished runs again."""
+    raw = json.loads(json.dumps(TINY))
+    raw["train"]["data"]["synth"]["rows"] = 30000
+    raw["budget"] = {"trials": 4, "concurrency": 2, "cpus_per_trial": 1}
+    study = tmp_path / "tiny.yaml"
+    study.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "study"
+    env = cluster_env(loopback_cluster, HILOMOE_CACHE=str(tmp_path / "cache"),
+                      MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    driver = subprocess.Popen([sys.executable, "-m", "hilomoe", "study", "run", str(study),
+                               "--out", str(out), "--no-cache", "--json"], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not list((out / "trials").glob("*.json")):
+            assert driver.poll() is None, driver.stderr.read()
+            time.sleep(0.2)
+        finished = {p.stem for p in (out / "trials").glob("*.json")}
+        killed_at = time.time()
+        loopback_cluster["proc"].send_signal(signal.SIGUSR1)
+        assert json.loads(loopback_cluster["proc"].stdout.readline())["removed_node"]
+        stdout, stderr = driver.communicate(timeout=600)
+    finally:
+        kill_tree(driver)
+    assert driver.returncode == 0, stderr[-3000:]
+    summary = one_json(stdout)
+    assert summary["counts"]["completed"] == 4
+    events = [json.loads(ln) for ln in (out / "events.jsonl").read_text().splitlines()]
+    recovered = {e["trial_id"] for e in events if e["kind"] == "trial_recover"}
+    assert recovered, "no trial was on the lost node"
+    assert not recovered & finished
+    rerun = {e["trial_id"] for e in events
+             if e["kind"] == "result" and e["time"] > killed_at and not e["reused"]}
+    assert not rerun & finished  # finished trials are neither lost nor run again
