@@ -155,17 +155,17 @@ def test_a_study_runs_trials_shares_stage_1_tracks_mlflow_and_reports(workdir):
 
     # the same study again: every configuration was trained before, so every trial replays its
     # result (same metrics, no training)
-    again = one_json(hilomoe("study", "run", str(study), "--out", "again", "--json").stdout)
-    assert again["trials_reused"] == 4 and again["train_s"] == 0
+    rerun = one_json(hilomoe("study", "run", str(study), "--out", "again", "--json").stdout)
+    assert rerun["trials_reused"] == 4 and rerun["train_s"] == 0
     first = {json.dumps(t["params"], sort_keys=True): t["valid_auc"] for t in trials}
     assert all(first.get(json.dumps(t["params"], sort_keys=True), t["valid_auc"]) ==
-               t["valid_auc"] for t in again["trials"])
+               t["valid_auc"] for t in rerun["trials"])
 
     # the report again, from the study directory and from the MLflow experiment
     again = one_json(hilomoe("study", "report", str(study_dir), "--json").stdout)
     assert again["trials"] == 4 and again["pareto"] == summary["pareto"]
     from_mlflow = one_json(hilomoe("study", "report", "tiny", "--json").stdout)
-    assert from_mlflow["pareto"] == again["pareto"]  # the experiment's latest study
+    assert from_mlflow["pareto"] == rerun["pareto"]  # the experiment's latest study
     assert Path(from_mlflow["markdown"]).is_file()
 
 
