@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from hilomoe import __version__
-from hilomoe.errors import HilomoeError
+from hilomoe.errors import HilomoeError, out_of_memory
 
 out = Console(soft_wrap=True)
 log = Console(stderr=True, soft_wrap=True)
@@ -481,9 +481,11 @@ def _command(group, name: str, func: Callable, help: str, description: str, exam
     return p
 
 
-def _group(sub, name: str, help: str):
+def _group(sub, name: str, help: str, description: str, example: str):
     """A command that only groups subcommands (`hilomoe model ...`)."""
-    return sub.add_parser(name, help=help).add_subparsers(
+    return sub.add_parser(name, help=help, description=description,
+                          epilog=f"example:\n  {example}",
+                          formatter_class=argparse.RawDescriptionHelpFormatter).add_subparsers(
         dest=f"{name}_command", metavar="COMMAND", required=True)
 
 
@@ -498,7 +500,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"hilomoe {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    model_sub = _group(sub, "model", "inspect a model configuration")
+    model_sub = _group(sub, "model", "inspect a model configuration",
+                       "Inspect the model a training configuration describes.",
+                       "hilomoe model summary studies/train_example.yaml")
     s = _command(
         model_sub, "summary", cmd_model_summary,
         help="parameters and per-sample FLOPs (analytic and measured)",
@@ -539,7 +543,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-failures", type=int, default=None,
                    help="worker-group restarts before the run fails")
 
-    data_sub = _group(sub, "data", "create and convert datasets")
+    data_sub = _group(sub, "data", "create and convert datasets",
+                      "Write the planted synthetic problem, or convert public CTR data, into "
+                      "the canonical dataset format (Parquet shards + dataset.json).",
+                      "hilomoe data convert --format criteo --input train.txt --out data/criteo")
     d = _command(
         data_sub, "synth", cmd_data_synth, config=False,
         help="write the planted synthetic problem as a canonical dataset",
@@ -585,7 +592,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--strict", action="store_true", help="stop at the first malformed row")
     c.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
 
-    bench_sub = _group(sub, "bench", "speed benchmarks")
+    bench_sub = _group(sub, "bench", "speed benchmarks",
+                       "Speed benchmarks that print a table (or --json): several paths side by "
+                       "side in one process, so their ratios are fair.",
+                       "hilomoe bench study --json")
     b = _command(
         bench_sub, "layer", cmd_bench_layer, config=False,
         help="forward+backward latency of one HiLoMoE projection vs its rivals",
@@ -646,7 +656,10 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--study", default="studies/quickstart.yaml")
     bs.add_argument("--trials", type=int, default=None, help="override the study's trial budget")
 
-    study_sub = _group(sub, "study", "search experts, ranks and depths with Ray Tune + Optuna")
+    study_sub = _group(sub, "study", "search experts, ranks and depths with Ray Tune + Optuna",
+                       "Run a study file (Ray Tune + Optuna trials, MLflow tracking) and report "
+                       "its Pareto frontier and scaling laws.",
+                       "hilomoe study run studies/quickstart.yaml")
     sr = _command(
         study_sub, "run", cmd_study_run, config=False,
         help="run a study file: trials, MLflow runs, and the report",
@@ -722,6 +735,12 @@ def main(argv: list[str] | None = None) -> int:
         return handler(args)
     except HilomoeError as err:
         log.print(f"hilomoe: error: {err}", markup=False, highlight=False)
+        return 2
+    except (RuntimeError, MemoryError) as err:
+        message = out_of_memory(err)
+        if message is None:
+            raise
+        log.print(f"hilomoe: error: {message}", markup=False, highlight=False)
         return 2
     except KeyboardInterrupt:
         log.print("hilomoe: interrupted", markup=False)

@@ -238,8 +238,11 @@ def _drive(run: StudyRun, resume: bool, console: Callable[[dict], None] | None,
     opening.start()
     try:
         started = connect_ray()
-    finally:
+    except BaseException:
         opening.join()
+        tracker.finish_study("FAILED")  # no parent run left RUNNING
+        raise
+    opening.join()
     run.parent_run_id = tracker.parent_run_id  # None while MLflow is unreachable
     run.save()
     import ray

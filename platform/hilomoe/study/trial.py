@@ -26,6 +26,7 @@ from hilomoe.config import StageName, TrainConfig
 from hilomoe.data.dataset import open_dataset
 from hilomoe.engine.local import Data, build_model, parquet_sources, summarize
 from hilomoe.engine.loop import Engine, EpochRecord, run_stages
+from hilomoe.errors import HilomoeError, out_of_memory
 from hilomoe.model.flops import model_cost
 from hilomoe.study.cache import Stage1Cache, Stage1Entry, TrialCache
 from hilomoe.study.space import SearchSpace
@@ -74,6 +75,16 @@ def trial_cost(cfg: TrainConfig, schema) -> dict:
 
 
 def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
+    try:
+        _run_trial(params, ctx)
+    except RuntimeError as err:  # the trial's error (record, console) says what to change
+        message = out_of_memory(err)
+        if message is None:
+            raise
+        raise HilomoeError(message) from None
+
+
+def _run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
     cfg = ctx.config(params)
     if cfg.ray.workers > 1:
         return _run_distributed(cfg, ctx)

@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 from hilomoe.config import TrainConfig, parse_config
 from hilomoe.data.dataset import open_dataset
-from hilomoe.errors import HilomoeError
+from hilomoe.errors import HilomoeError, out_of_memory
 from hilomoe.train.resources import WorkerPlan, plan_workers
 from hilomoe.train.worker import WorkerJob, read_checkpoint, train_loop
 
@@ -123,6 +123,7 @@ def connect_ray() -> bool:
         return False
     try:
         if address:
+            _check_reachable(address)
             ray.init(address=address, log_to_driver=False, logging_level="ERROR")
         else:
             ray.init(address="local", include_dashboard=False, log_to_driver=False,
@@ -131,8 +132,22 @@ def connect_ray() -> bool:
         raise HilomoeError(
             f"cannot reach a Ray cluster at RAY_ADDRESS={address!r} "
             f"({str(err).splitlines()[0]}); start one with `ray start --head`, fix RAY_ADDRESS, "
-            f"or unset it to train on a local Ray.") from None
+            f"or unset it to use a local Ray.") from None
     return True
+
+
+def _check_reachable(address: str) -> None:
+    """A GCS address (host:port) that refuses connections fails here in a moment; Ray itself
+    retries for a minute or more before it says so."""
+    import socket
+
+    host, _, port = address.rpartition(":")
+    if "://" in address or not port.isdigit() or not host:
+        return  # "auto", ray://..., or a form Ray resolves itself
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as err:
+        raise ConnectionError(f"nothing answers at {host}:{port} ({err.strerror or err})") from None
 
 
 class _Progress:
@@ -209,6 +224,8 @@ def _failure_message(err: Exception, run: TrainRun) -> str:
     cause = next(iter(failures.values()), None) or err.__cause__ or err
     if isinstance(cause, HilomoeError):
         return str(cause)
+    if out_of_memory(cause):
+        return out_of_memory(cause)
     first = str(cause).strip().splitlines()
     last = first[-1] if first else type(cause).__name__
     return (f"training failed on Ray ({type(cause).__name__}: {last}); the run can continue "
