@@ -40,3 +40,19 @@ def kill_tree(proc: subprocess.Popen) -> None:
         except psutil.NoSuchProcess:
             pass
     psutil.wait_procs(family, timeout=30)
+
+
+def submit_job(submit: list[str], env: dict, cwd) -> subprocess.CompletedProcess:
+    """`ray job submit ...`, retried while the head's job agent is still starting (it comes up
+    a few seconds after the head)."""
+    import time
+
+    for _ in range(30):
+        proc = subprocess.run(submit, capture_output=True, text=True, timeout=600, env=env,
+                              cwd=cwd)
+        if "No available agent to submit job" not in proc.stderr + proc.stdout:
+            break
+        time.sleep(1)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "succeeded" in proc.stdout
+    return proc

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import kill_tree, one_json
+from helpers import submit_job, kill_tree, one_json
 from mlflow_server import start_mlflow_server, stop_mlflow_server
 from test_study import TINY, _rest
 
@@ -42,14 +42,7 @@ def test_ray_job_submit_runs_a_study_into_mlflow_and_the_storage_path(loopback_c
         submit = ["ray", "job", "submit", "--address", loopback_cluster["dashboard"],
                   "--working-dir", ".", "--runtime-env-json", json.dumps(runtime), "--",
                   "hilomoe", "study", "run", "studies/smoke.yaml", "--out", str(out), "--json"]
-        for _ in range(30):  # the head's job agent comes up a few seconds after the head
-            proc = subprocess.run(submit, capture_output=True, text=True, timeout=600,
-                                  env=env, cwd=REPO)
-            if "No available agent to submit job" not in proc.stderr + proc.stdout:
-                break
-            time.sleep(1)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        assert "succeeded" in proc.stdout
+        proc = submit_job(submit, env, REPO)
         summary = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("{")][-1])
         assert summary["counts"]["completed"] == 2 and summary["study_dir"] == str(out)
         assert json.loads((out / "result.json").read_text())["best"] == summary["best"]

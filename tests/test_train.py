@@ -17,7 +17,7 @@ import pytest
 import torch
 import yaml
 
-from helpers import hilomoe, kill_tree, one_json
+from helpers import submit_job, hilomoe, kill_tree, one_json
 from hilomoe.config import RayConfig, parse_config
 from hilomoe.data.dataset import open_dataset
 from hilomoe.data.readers import ParquetBatches
@@ -222,14 +222,7 @@ def test_ray_job_submit_to_a_two_node_loopback_cluster(loopback_cluster, tmp_pat
     submit = ["ray", "job", "submit", "--address", cluster["dashboard"], "--working-dir",
               str(REPO), "--", "python", "-m", "hilomoe", "train", str(cfg), "--out", str(out),
               "--json"]
-    for _ in range(30):  # the head's job agent comes up a few seconds after the head
-        proc = subprocess.run(submit, capture_output=True, text=True, timeout=600, env=env,
-                              cwd=REPO)
-        if "No available agent to submit job" not in proc.stderr + proc.stdout:
-            break
-        time.sleep(1)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "succeeded" in proc.stdout
+    proc = submit_job(submit, env, REPO)
     result = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
     assert result["workers"] == 2 and _epochs(result["history"]) == EXPECTED
     assert result["plan"]["cpus_per_worker"] == 0.5  # sized from the cluster it joined

@@ -53,10 +53,7 @@ class StudyRun:
         return parse_study(self.spec, str(Path(self.study_dir) / STUDY_FILE))
 
     def save(self) -> None:
-        path = Path(self.study_dir) / STUDY_FILE
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=2))
-        tmp.replace(path)
+        write_json(Path(self.study_dir) / STUDY_FILE, asdict(self))
 
     @classmethod
     def load(cls, study_dir: str | Path) -> StudyRun:

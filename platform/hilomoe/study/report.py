@@ -259,16 +259,21 @@ def plot_pareto(records: list[dict], headline: Roi | str, path: Path) -> Path:
                        label=f"{headline.baseline} baseline")
         if positive:
             ax.set_xscale("log")
-        ax.set_xlabel("FLOPs per sample")
-        ax.set_ylabel("validation AUC")
-        ax.set_title("AUC vs FLOPs; lines: each variant's Pareto frontier")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8, loc="best")
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
+        _finish(fig, ax, path, "FLOPs per sample",
+                "AUC vs FLOPs; lines: each variant's Pareto frontier")
     finally:
         plt.close(fig)
     return path
+
+
+def _finish(fig, ax, path: Path, xlabel: str, title: str) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("validation AUC")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def plot_scaling(fit: AxisFit, path: Path) -> Path:
@@ -299,13 +304,7 @@ def plot_scaling(fit: AxisFit, path: Path) -> Path:
         span = max(float(np.ptp(auc)), 1e-3)
         ax.set_ylim(float(auc.min()) - 0.5 * span, float(auc.max()) + 0.5 * span)
         ax.set_xscale("log")
-        ax.set_xlabel(fit.label)
-        ax.set_ylabel("validation AUC")
-        ax.set_title(f"Scaling along {fit.label}")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8, loc="best")
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
+        _finish(fig, ax, path, fit.label, f"Scaling along {fit.label}")
     finally:
         plt.close(fig)
     return path
