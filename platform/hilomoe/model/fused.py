@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+import time
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -45,6 +46,7 @@ def kernel():
         from torch.utils.cpp_extension import load
 
         _put_ninja_on_path()
+        _drop_stale_lock("hilomoe_routing")
         _kernel = load(
             name="hilomoe_routing",
             sources=[str(Path(__file__).with_name("routing_kernel.cpp"))],
@@ -59,6 +61,22 @@ def kernel():
                       stacklevel=2)
         print("hilomoe: fused routing kernel unavailable; using eager routing", file=sys.stderr)
     return _kernel
+
+
+STALE_LOCK_S = 180  # a build takes well under a minute; an older lock outlived its builder
+
+
+def _drop_stale_lock(name: str) -> None:
+    """torch's build lock is a file that a killed build leaves behind, and every later build
+    then waits on it forever: remove one older than any real build."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        lock = Path(_get_build_directory(name, verbose=False)) / "lock"
+        if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+            lock.unlink(missing_ok=True)
+    except (ImportError, OSError):
+        pass
 
 
 def _put_ninja_on_path() -> None:
