@@ -295,3 +295,23 @@ def test_hilomoe_ui_serves_the_default_store(workdir):
         assert (workdir / "mlflow.db").is_file()  # the store a study in this directory uses
     finally:
         kill_tree(proc)
+
+
+@pytest.mark.slow
+def test_a_trial_with_two_workers_trains_on_a_torch_trainer(workdir):
+    """budget.workers_per_trial > 1: the trial runs `hilomoe train`'s worker loop on a
+    TorchTrainer of two DDP workers (with Ray Data), reporting to Tune through
+    TuneReportCallback; its result, checkpoint and MLflow run are like any other trial's."""
+    study = write_study(workdir / "tiny.yaml", space={"model.moe.variant": {"choice": ["hilomoe"]},
+                                                      "model.moe.experts": {"choice": [4]}},
+                        **{"budget.trials": 1, "budget.concurrency": 1,
+                           "budget.workers_per_trial": 2, "budget.cpus_per_trial": 2})
+    summary = one_json(hilomoe("study", "run", str(study), "--json").stdout)
+    (trial,) = summary["trials"]
+    assert trial["status"] == "completed" and trial["test_auc"] > 0.5
+    assert f"train-{trial['trial_id']}" in trial["checkpoint"]  # the trial's TorchTrainer run
+    c = client(summary["tracking_uri"])
+    child = c.search_runs([c.get_experiment_by_name("tiny").experiment_id],
+                          filter_string=f"attributes.run_name = '{trial['trial_id']}'")[0]
+    stages = [m.step for m in c.get_metric_history(child.info.run_id, "joint/valid_auc")]
+    assert stages == list(range(len(stages))) and stages

@@ -380,3 +380,23 @@ def test_server_killed_and_restarted(tmp_path):
         assert parent == tr.parent_run_id and records == [_record(0, "t0"), _record(1, "t1")]
     finally:
         stop_mlflow_server(proc)
+
+
+def test_runs_a_killed_driver_left_running_are_closed(tmp_path):
+    """A driver killed between creating a trial's run and recording it leaves a RUNNING child:
+    the resumed study closes every running child whose trial it does not know as KILLED."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tr = Tracker("orphans", uri, artifact_location=str(tmp_path / "artifacts"))
+    parent = tr.start_study({"a": 1})
+    tr.start_trial("kept", {}, {})
+    tr.start_trial("lost", {}, {})
+    c = MlflowClient(uri)
+    stray = c.create_run(tr.experiment_id, tags={"mlflow.parentRunId": parent}).info.run_id
+    tr.close_orphans({"kept"})
+    assert tr.flush()
+    status = {r.info.run_id: r.info.status for r in c.search_runs([tr.experiment_id])}
+    assert status[tr.run_ids["kept"]] == "RUNNING"
+    assert status[tr.run_ids["lost"]] == status[stray] == "KILLED"
+    assert status[parent] == "RUNNING"

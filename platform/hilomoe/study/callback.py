@@ -16,11 +16,10 @@ from typing import Any, Callable
 
 from ray.tune import Callback
 
-from hilomoe.study.driver import RUNS_FILE, StudyRun
+from hilomoe.study.driver import EVENTS_FILE, RUNS_FILE, StudyRun
 from hilomoe.study.records import save_record, trial_record, write_json
 from hilomoe.study.space import SearchSpace
 
-EVENTS_FILE = "events.jsonl"
 EPOCH_PREFIXES = ("train_", "valid_")
 EPOCH_KEYS = ("samples_per_s", "epoch_seconds", "elapsed_s")
 

@@ -30,6 +30,7 @@ from hilomoe.study.records import best_record, load_records, write_json
 from hilomoe.study.trial import TRIAL_CPU, TrialContext, run_trial
 
 RUNS_FILE = "mlflow_runs.json"  # trial id -> MLflow child run (kept by the study's callback)
+EVENTS_FILE = "events.jsonl"  # trial starts, epochs, ends, recoveries and warnings, timed
 
 STUDY_FILE = "study.json"
 TUNE_DIR = "tune"
@@ -211,12 +212,15 @@ def _inside(directory: Path) -> Iterator[None]:
             os.chdir(cwd)
 
 
-def _warner(console: Callable[[dict], None] | None) -> Callable[[str], None]:
+def _warner(console: Callable[[dict], None] | None, study_dir: str) -> Callable[[str], None]:
     def warn(message: str) -> None:  # one sentence, on the console or else on stderr
         if console:
             console({"kind": "warning", "message": message})
         else:
             print(f"hilomoe: warning: {message}", file=sys.stderr)
+        with open(Path(study_dir) / EVENTS_FILE, "a") as f:  # and in the study's event log
+            f.write(json.dumps({"time": time.time(), "kind": "warning", "message": message})
+                    + "\n")
 
     return warn
 
@@ -226,7 +230,7 @@ def _drive(run: StudyRun, resume: bool, console: Callable[[dict], None] | None,
     from hilomoe.study.tracking import Tracker
     from hilomoe.train.driver import connect_ray
 
-    spec, warn = run.study, _warner(console)
+    spec, warn = run.study, _warner(console, run.study_dir)
     tracker = Tracker(run.experiment, run.tracking_uri, on_warning=warn)
     # the parent run (and a new store's tables) while Ray starts: both take seconds
     opening = threading.Thread(target=tracker.start_study, kwargs=dict(
@@ -275,6 +279,7 @@ def _conclude(run: StudyRun, tracker, wall_s: float) -> dict:
     finished = {r["trial_id"] for r in records}
     for trial_id in set(tracker.run_ids) - finished:
         tracker.finish_trial(trial_id, {}, status="KILLED")
+    tracker.close_orphans(finished)  # and any the killed driver had not recorded yet
     report = write_report(records, study_dir / "report", title=spec.name,
                           meta={"description": spec.description} if spec.description else None)
     best = best_record(spec, records)

@@ -649,6 +649,21 @@ class Tracker:
         self._submit(_Op(f"the study artifacts in {directory}", [write]))
 
     @_guarded
+    def close_orphans(self, keep: set[str]) -> None:
+        """End as KILLED the study's child runs still RUNNING whose trial is not in `keep`: a
+        driver killed between creating a trial's run and recording it leaves one behind."""
+        def close() -> None:
+            runs = self._c().search_runs(
+                [self._ensure_experiment()],
+                filter_string=f"tags.`mlflow.parentRunId` = '{self._parent()}' and "
+                              f"attributes.status = 'RUNNING'", max_results=1000)
+            for run in runs:
+                if run.data.tags.get(TRIAL_TAG) not in keep:
+                    self._c().set_terminated(run.info.run_id, "KILLED")
+
+        self._submit(_Op("closing interrupted trials' runs", [close]))
+
+    @_guarded
     def log_study_metrics(self, metrics: dict[str, float]) -> None:
         """Metrics on the study run (step 0)."""
         kept = _finite(metrics)
