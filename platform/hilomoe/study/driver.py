@@ -14,6 +14,7 @@ a tracking server that goes away costs buffered metrics, not trials.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import sys
@@ -49,8 +50,9 @@ class StudyRun:
     parent_run_id: str | None = None
     cache_dir: str | None = None
 
-    @property
+    @functools.cached_property
     def study(self) -> StudySpec:
+        """Validated once (every corner of the space), however often it is asked for."""
         return parse_study(self.spec, str(Path(self.study_dir) / STUDY_FILE))
 
     def save(self) -> None:
@@ -276,10 +278,7 @@ def _conclude(run: StudyRun, tracker, wall_s: float) -> dict:
     records = load_records(study_dir)
     # a trial a killed driver had started after Tune's last snapshot is gone for good (Tune
     # sampled another in its place): its MLflow run ends as KILLED, not RUNNING forever
-    finished = {r["trial_id"] for r in records}
-    for trial_id in set(tracker.run_ids) - finished:
-        tracker.finish_trial(trial_id, {}, status="KILLED")
-    tracker.close_orphans(finished)  # and any the killed driver had not recorded yet
+    tracker.close_orphans({r["trial_id"] for r in records})
     report = write_report(records, study_dir / "report", title=spec.name,
                           meta={"description": spec.description} if spec.description else None)
     best = best_record(spec, records)

@@ -15,6 +15,7 @@ whole configuration was trained before replays that result (`trial_reused`).
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,7 +49,7 @@ class TrialContext:
     cache_dir: str | None  # the stage-1 and trial caches; None turns sharing off
     threads: int = 1  # torch threads of an in-process trial
 
-    @property
+    @functools.cached_property
     def study(self) -> StudySpec:
         return StudySpec.model_validate(self.spec)
 
