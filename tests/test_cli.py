@@ -98,6 +98,29 @@ def test_bench_data_json_keys():
         assert r["rows_per_s"] > 0 and r["rows"] > 0
 
 
+@pytest.mark.slow
+def test_bench_data_ray_paths_read_every_train_row():
+    res = one_json(hilomoe("bench", "data", "--rows", "20000", "--batch", "1024", "--json").stdout)
+    rows = [r for r in res["rows"] if r["path"] != "synth_write"]
+    assert {r["path"] for r in rows} == {"pyarrow_reader", "ray_data", "ray_read_parquet"}
+    assert len({r["rows"] for r in rows}) == 1  # every path, every epoch: the whole split
+
+
+@pytest.mark.slow
+def test_bench_train_json_trains_every_path_on_the_same_samples():
+    res = one_json(hilomoe("bench", "train", "--rows", "30000", "--epochs", "1", "--workers", "1",
+                           "--readers", "ray_data", "--json").stdout)
+    rows = {r["mode"]: r for r in res["rows"]}
+    assert list(rows) == ["memory_ceiling", "local_parquet", "ray_1"]
+    # three stages of one epoch over the ~24,000-row train split; the ceiling is measured twice
+    assert rows["local_parquet"]["samples"] == rows["ray_1"]["samples"]
+    assert rows["ray_1"]["samples"] % 3 == 0 and 22_000 < rows["ray_1"]["samples"] / 3 < 26_000
+    assert rows["memory_ceiling"]["samples"] == 2 * rows["local_parquet"]["samples"]
+    for r in rows.values():
+        assert r["samples_per_s"] > 0 and r["epoch_wall_s"] > 0 and r["startup_s"] >= 0
+    assert 0.0 <= rows["ray_1"]["overhead_fraction"] < 1.0
+
+
 def test_data_convert_json_reports_skipped_rows(tmp_path):
     src = tmp_path / "day_0"
     good = "\t".join(["1"] + ["3"] * 13 + ["68fd1e64"] * 26)

@@ -178,6 +178,20 @@ def test_zipf_ids_follow_their_distribution():
     np.testing.assert_allclose(counts / counts.sum(), expected / expected.sum(), atol=0.005)
 
 
+def batch_rows(batches) -> np.ndarray:
+    """Batches -> one (n, F_c + F_n + 1) float array of their rows, in order."""
+    batches = list(batches)
+    return np.concatenate([torch.cat([b.cat.double() for b in batches]).numpy(),
+                           torch.cat([b.num.double() for b in batches]).numpy(),
+                           torch.cat([b.label.double() for b in batches]).numpy()[:, None]],
+                          axis=1)
+
+
+def sorted_rows(rows: np.ndarray) -> np.ndarray:
+    """The rows in lexicographic order: compares two passes that may differ in order."""
+    return rows[np.lexsort(rows.T[::-1])]
+
+
 @pytest.mark.slow
 def test_ray_data_streams_the_same_batches_as_the_pyarrow_reader(ray_local, synth_dir):
     from hilomoe.data.ray_data import RayBatches, open_ray_split
@@ -189,11 +203,8 @@ def test_ray_data_streams_the_same_batches_as_the_pyarrow_reader(ray_local, synt
         b = batches[0]
         assert b.cat.dtype == torch.int64 and b.num.dtype == torch.float32
         assert b.label.dtype == torch.float32 and b.cat.shape[1] == 4
-        table = np.concatenate([torch.cat([x.cat.double() for x in batches]).numpy(),
-                                torch.cat([x.num.double() for x in batches]).numpy(),
-                                torch.cat([x.label.double() for x in batches]).numpy()[:, None]],
-                               axis=1)
-        return table[np.lexsort(table.T[::-1])], table
+        table = batch_rows(batches)
+        return sorted_rows(table), table
 
     expected, _ = rows(ParquetBatches(ds, "train", 1024))
     ray_source = RayBatches(open_ray_split(ds, "train"), ds, 1024)
@@ -212,6 +223,100 @@ def test_ray_data_streams_the_same_batches_as_the_pyarrow_reader(ray_local, synt
     _, order1 = rows(shuffled, 1)
     np.testing.assert_array_equal(sorted0, expected)  # every row exactly once
     assert not np.array_equal(order0, order1)  # a new local shuffle each epoch
+
+
+def _table_rows(tables) -> np.ndarray:
+    """Arrow tables of the canonical layout -> one (n, F_c + F_n + 1) float array of rows."""
+    import pyarrow as pa
+
+    t = pa.concat_tables(list(tables))
+    cat = t.column("cat").combine_chunks().flatten().to_numpy().reshape(t.num_rows, -1)
+    num = t.column("num").combine_chunks().flatten().to_numpy().reshape(t.num_rows, -1)
+    return np.concatenate([cat, num, t.column("label").to_numpy()[:, None]], axis=1)
+
+
+def test_row_group_read_tasks_cover_every_row_once_and_reshuffle_per_execution(synth_dir):
+    """The Ray Data source without a cluster: its read tasks, run in turn, give every row of the
+    split once; small row groups are packed into tasks; a seeded source orders its tasks the
+    same way for the same execution and differently for the next one."""
+    import pyarrow.parquet as pq
+    from ray.data import DataContext
+
+    from hilomoe.data.ray_source import ParquetRowGroups
+
+    files = open_dataset(synth_dir).files("train")
+    expected = _table_rows(pq.read_table(f) for f in files)
+    source = ParquetRowGroups(files, task_rows=5_000)  # the shards hold 3,000-row groups
+    groups = sum(pq.ParquetFile(f).metadata.num_row_groups for f in files)
+    assert 1 < len(source.tasks) < groups  # packed, two groups would exceed 5,000 only
+    assert all(sum(g.rows for g in t) <= 5_000 or len(t) == 1 for t in source.tasks)
+
+    def run(tasks):
+        assert sum(t.metadata.num_rows for t in tasks) == len(expected)
+        return _table_rows(block for t in tasks for block in t())
+
+    np.testing.assert_array_equal(run(source.get_read_tasks(4)), expected)  # file order
+    seeded = ParquetRowGroups(files, seed=3, task_rows=5_000)
+    contexts = []
+    for execution in (0, 0, 1):
+        ctx = DataContext()
+        ctx._execution_idx = execution
+        contexts.append(run(seeded.get_read_tasks(4, data_context=ctx)))
+    np.testing.assert_array_equal(contexts[0], contexts[1])
+    assert not np.array_equal(contexts[0], contexts[2])
+    for rows in contexts:
+        np.testing.assert_array_equal(sorted_rows(rows), sorted_rows(expected))
+
+
+def test_a_read_task_names_a_file_that_went_bad(tmp_path, synth_dir):
+    import shutil
+
+    from hilomoe.data.ray_source import ParquetRowGroups
+
+    shutil.copytree(synth_dir, tmp_path / "d")
+    files = open_dataset(tmp_path / "d").files("valid")
+    task = ParquetRowGroups(files).get_read_tasks(1)[0]
+    files[0].write_bytes(files[0].read_bytes()[:300])  # truncated after the footers were read
+    with pytest.raises(DatasetError, match=r"valid/part-00000.parquet: not a readable Parquet"):
+        list(task())
+
+
+def test_ray_read_tasks_do_not_import_torch():
+    """Ray unpickles the source in its coordinator and read-task processes; torch would add
+    seconds to each of their start-ups."""
+    import subprocess
+    import sys
+
+    code = ("import sys, hilomoe.data.ray_source, hilomoe.data.parquet; "
+            "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if 'torch' in m)")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.slow
+def test_an_evaluation_shard_is_kept_after_its_first_pass(ray_local, synth_dir):
+    from hilomoe.data.ray_data import RayBatches, open_ray_split
+
+    ds = open_dataset(synth_dir)
+
+    class Counting:  # the real Ray dataset, counting the executions asked of it
+        def __init__(self, data):
+            self.data, self.passes = data, 0
+
+        def iter_batches(self, **kwargs):
+            self.passes += 1
+            return self.data.iter_batches(**kwargs)
+
+    data = Counting(open_ray_split(ds, "valid"))
+    source = RayBatches(data, ds, 1000, cache=True)
+    first, second = batch_rows(source.epoch(0)), batch_rows(source.epoch(1))
+    np.testing.assert_array_equal(second, first)  # the same rows, in the same order
+    expected = batch_rows(ParquetBatches(ds, "valid", 1000).epoch(0))
+    np.testing.assert_array_equal(sorted_rows(first), sorted_rows(expected))
+    assert data.passes == 1
+    streamed = RayBatches(Counting(open_ray_split(ds, "valid")), ds, 1000)
+    for e in range(2):
+        list(streamed.epoch(e))
+    assert streamed.data.passes == 2
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 7])

@@ -60,6 +60,9 @@ def test_two_workers_on_two_cores_leave_a_cpu_for_ray_data():
     assert plan.cpus_per_worker == 0.5 and plan.data_cpus == 1.0
     assert plan.workers * plan.cpus_per_worker + plan.data_cpus <= 2.0
     assert plan.torch_threads == 1
+    # one worker: its own CPU, plus the data CPU when no Ray Data process needs it
+    assert plan_workers(RayConfig(workers=1), {"CPU": 2.0}).torch_threads == 1
+    assert plan_workers(RayConfig(workers=1, reader="parquet"), {"CPU": 2.0}).torch_threads == 2
     big = plan_workers(RayConfig(workers=4, gpu=True), {"CPU": 64.0, "GPU": 4.0})
     assert big.data_cpus == 6.0 and big.cpus_per_worker == 14.5 and big.gpus_per_worker == 1
     assert big.resources() == {"CPU": 14.5, "GPU": 1.0}

@@ -636,7 +636,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the model and stages to train (default: the quickstart example)")
     bt.add_argument("--rows", type=int, default=1_250_000,
                     help="planted rows; 80%% train (default: a 1M-row train epoch)")
-    bt.add_argument("--epochs", type=int, default=1, help="epochs per stage")
+    bt.add_argument("--epochs", type=int, default=2,
+                    help="epochs per stage (default 2: five epoch-to-epoch intervals)")
     bt.add_argument("--workers", type=int, nargs="+", default=[1, 2],
                     help="Ray Train worker counts to measure")
     bt.add_argument("--device", default="cpu", help="cuda: the in-memory ceiling on the GPU "

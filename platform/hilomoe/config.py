@@ -218,6 +218,10 @@ class RayConfig(Strict):
     keep_checkpoints: int = Field(2, ge=1, description="best checkpoints kept, by validation AUC")
     storage: str | None = Field(None, description="checkpoint storage: a directory or a URI")
     shuffle_buffer: int = Field(262_144, ge=0, description="rows in each worker's shuffle buffer")
+    eval_cache_mb: float = Field(
+        1024.0, ge=0.0, description="a worker keeps its shard of the validation split in memory "
+        "after the first pass when the shard is at most this size (MB), instead of streaming it "
+        "again every epoch; 0: always stream")
     reader: Literal["ray_data", "parquet"] = Field(
         "ray_data", description="ray_data: each worker streams its shard from Ray Data; "
         "parquet: each worker reads its own rows of the files with pyarrow (every worker must "

@@ -5,6 +5,10 @@ class HilomoeError(Exception):
     """Bad input or an impossible request; the message is meant for a person, as is."""
 
 
+class DatasetError(HilomoeError):
+    """A dataset directory, shard or description that cannot be used."""
+
+
 def out_of_memory(err: BaseException) -> str | None:
     """One sentence for an allocation that failed (CPU or GPU), or None for other errors."""
     text = str(err)

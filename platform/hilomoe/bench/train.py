@@ -5,7 +5,7 @@
     ray_1, ray_2    Ray Train with 1 and 2 workers, streaming the same files through Ray Data
     ray_1_parquet   the same, each worker reading its own rows of the files with pyarrow
 
-Each path trains the same configuration (one epoch per stage by default) in this one process,
+Each path trains the same configuration (two epochs per stage by default) in this one process,
 one after the other. `samples_per_s` is train samples over the seconds of the train epochs,
 data loading included. `epoch_wall_s` is the median time from one epoch's end to the next's
 (train + validation + report + checkpoint); a Ray path's `overhead_fraction` is the share of its
@@ -129,7 +129,7 @@ def gpu_row(cfg: TrainConfig, ds: Dataset, device: str) -> Row:
     return row
 
 
-def run(config: str = "studies/train_example.yaml", rows: int = 1_250_000, epochs: int = 1,
+def run(config: str = "studies/train_example.yaml", rows: int = 1_250_000, epochs: int = 2,
         workers: tuple[int, ...] = (1, 2), readers: tuple[str, ...] = ("ray_data", "parquet"),
         workdir: str | None = None, device: str = "cpu", batch: int | None = None) -> list[Row]:
     from hilomoe.config import PlantedData

@@ -46,17 +46,13 @@ class TensorBatches:
     def epoch(self, epoch: int = 0, batch_size: int | None = None) -> Iterator[Batch]:
         """One pass; `batch_size` overrides the source's own (each stage has its own)."""
         size = batch_size or self.batch_size
-        n = len(self)
-        if self.shuffle:
+        cat, num, label = self.cat, self.num, self.label
+        if self.shuffle:  # one gather per epoch (parallel), then every batch is a view
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            order = torch.randperm(n, generator=g)
-        for lo in range(0, n, size):
-            if self.shuffle:
-                idx = order[lo : lo + size]
-                yield Batch(self.cat[idx], self.num[idx], self.label[idx])
-            else:
-                hi = lo + size
-                yield Batch(self.cat[lo:hi], self.num[lo:hi], self.label[lo:hi])
+            order = torch.randperm(len(self), generator=g).to(cat.device)
+            cat, num, label = cat[order], num[order], label[order]
+        for lo in range(0, len(self), size):
+            yield Batch(cat[lo : lo + size], num[lo : lo + size], label[lo : lo + size])
 
     def __iter__(self) -> Iterator[Batch]:
         return self.epoch(0)

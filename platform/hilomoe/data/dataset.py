@@ -34,16 +34,12 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from hilomoe.config import format_validation_error
-from hilomoe.errors import HilomoeError
+from hilomoe.errors import DatasetError
 from hilomoe.model.ctr import FeatureSchema
 
 SPLITS = ("train", "valid", "test")
 META_FILE = "dataset.json"
 FORMAT_VERSION = 1
-
-
-class DatasetError(HilomoeError):
-    """A dataset directory, shard or description that cannot be used."""
 
 
 class FieldInfo(BaseModel):

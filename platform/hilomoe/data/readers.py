@@ -7,17 +7,16 @@ a bounded local shuffle buffer. Memory is bounded by the buffer, never by the sp
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 from hilomoe.data.batches import Batch
-from hilomoe.data.dataset import Dataset, DatasetError
+from hilomoe.data.dataset import Dataset
+from hilomoe.data.parquet import Piece, parquet_file, shard_pieces, unreadable
 
 
 def _column(rb: pa.RecordBatch | pa.Table, name: str, width: int) -> np.ndarray:
@@ -73,53 +72,8 @@ def rebatch(chunks: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]], size: i
         yield from drain(final=True)
 
 
-def _unreadable(path: Path, err: Exception) -> DatasetError:
-    return DatasetError(f"{path}: not a readable Parquet file (truncated or corrupt: "
-                        f"{str(err).splitlines()[0]}).")
-
-
-def _parquet(path: Path) -> pq.ParquetFile:
-    try:
-        return pq.ParquetFile(path)
-    except (pa.ArrowInvalid, OSError) as err:
-        raise _unreadable(path, err) from None
-
-
-@dataclass(frozen=True)
-class Piece:
-    """Rows [start, stop) of one row group of one Parquet file."""
-
-    path: Path
-    row_group: int
-    start: int
-    stop: int
-
-
-def shard_pieces(files: list[Path], rank: int = 0, world: int = 1,
-                 equal: bool = False) -> list[Piece]:
-    """This rank's contiguous share of the split's rows, as row-group pieces (metadata only).
-
-    Ranks get rows [rank*N/world, (rank+1)*N/world); with `equal` every rank gets exactly
-    N // world rows (DDP ranks must take the same number of steps), dropping at most world-1.
-    """
-    groups = []
-    for path in files:
-        md = _parquet(path).metadata
-        groups += [(path, i, md.row_group(i).num_rows) for i in range(md.num_row_groups)]
-    total = sum(g[2] for g in groups)
-    lo = rank * total // world
-    hi = lo + total // world if equal else (rank + 1) * total // world
-    pieces, offset = [], 0
-    for path, i, rows in groups:
-        start, stop = max(lo - offset, 0), min(hi - offset, rows)
-        if start < stop:
-            pieces.append(Piece(path, i, start, stop))
-        offset += rows
-    return pieces
-
-
 def _piece_rows(p: Piece) -> Iterator[pa.Table]:
-    yield _parquet(p.path).read_row_group(p.row_group).slice(p.start, p.stop - p.start)
+    yield parquet_file(p.path).read_row_group(p.row_group).slice(p.start, p.stop - p.start)
 
 
 class ParquetBatches:
@@ -155,7 +109,7 @@ class ParquetBatches:
             for rb in batches:
                 yield columns_of(rb, self.num_cat, self.num_numeric)
         except (pa.ArrowInvalid, OSError) as err:
-            raise _unreadable(path, err) from None
+            raise unreadable(path, err) from None
 
     def _chunks(self, rng: np.random.Generator | None) -> Iterator[tuple[np.ndarray, ...]]:
         if self.sharded:
@@ -169,7 +123,8 @@ class ParquetBatches:
         if rng is not None:
             files = [files[i] for i in rng.permutation(len(files))]
         for path in files:
-            yield from self._read(path, _parquet(path).iter_batches(batch_size=self.read_rows))
+            batches = parquet_file(path).iter_batches(batch_size=self.read_rows)
+            yield from self._read(path, batches)
 
     def epoch(self, epoch: int = 0, batch_size: int | None = None) -> Iterator[Batch]:
         rng = np.random.default_rng([self.seed, epoch]) if self.shuffle else None

@@ -152,7 +152,7 @@ def train_loop(job_dict: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from hilomoe.data.ray_data import RayBatches
+    from hilomoe.data.ray_data import RayBatches, row_bytes
     from hilomoe.data.readers import ParquetBatches
 
     job = WorkerJob(**job_dict)
@@ -184,8 +184,12 @@ def train_loop(job_dict: dict) -> None:
             return ParquetBatches(dataset, split, size, shuffle=train, seed=seed,
                                   shuffle_buffer=cfg.ray.shuffle_buffer, rank=rank, world=world,
                                   equal=train)
+        # the validation shard is read every epoch: kept after the first pass when small
+        # (the same choice on every rank, from metadata alone)
+        shard_mb = dataset.meta.splits[split].rows / world * row_bytes(dataset) / 2**20
         return RayBatches(ray.train.get_dataset_shard(split), dataset, size,
-                          shuffle_buffer=cfg.ray.shuffle_buffer if train else None, seed=seed)
+                          shuffle_buffer=cfg.ray.shuffle_buffer if train else None, seed=seed,
+                          cache=split == "valid" and shard_mb <= cfg.ray.eval_cache_mb)
 
     train = FaultyBatches(shard("train", True), engine, cfg, rank,
                           Path(job.run_dir) / ".fault-injected")
