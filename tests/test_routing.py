@@ -151,3 +151,22 @@ def test_fused_kernel_inside_the_layer_matches_eager_layer():
     with fused.eager():
         y_slow, _ = layer(x)
     torch.testing.assert_close(y_fast, y_slow, rtol=1e-5, atol=1e-5)
+
+
+def test_a_built_kernel_loads_past_a_lock_a_killed_process_left():
+    """torch's `load` takes a build lock on every call, even with nothing to build; a process
+    killed in that moment leaves the lock, and every later `load` would wait on it forever.
+    A kernel already built from the current source is imported without the lock."""
+    import subprocess
+    import sys
+
+    from hilomoe.model import fused
+
+    assert fused.kernel() is not None  # built (or already cached) by this process
+    lock = fused._build_dir("hilomoe_routing") / "lock"
+    lock.touch()  # fresh: a live build as far as the stale-lock rule can tell
+    try:
+        code = "from hilomoe.model import fused; assert fused.kernel() is not None"
+        subprocess.run([sys.executable, "-c", code], check=True, timeout=120)  # a hang guard
+    finally:
+        lock.unlink(missing_ok=True)

@@ -45,6 +45,9 @@ def kernel():
     try:
         from torch.utils.cpp_extension import load
 
+        _kernel = _load_built("hilomoe_routing")
+        if _kernel is not None:
+            return _kernel
         _put_ninja_on_path()
         _drop_stale_lock("hilomoe_routing")
         _kernel = load(
@@ -66,15 +69,42 @@ def kernel():
 STALE_LOCK_S = 180  # a build takes well under a minute; an older lock outlived its builder
 
 
+def _build_dir(name: str) -> Path:
+    from torch.utils.cpp_extension import _get_build_directory
+
+    return Path(_get_build_directory(name, verbose=False))
+
+
+def _load_built(name: str):
+    """The module already built from the current source, imported without torch's build lock
+    (`load` takes that lock on every call, even when there is nothing to build, so a process
+    killed at that moment would leave it behind); None when it must be built."""
+    import importlib.util
+
+    try:
+        built = _build_dir(name) / f"{name}.so"
+        source = Path(__file__).with_name("routing_kernel.cpp")
+        if not built.is_file() or built.stat().st_mtime < source.stat().st_mtime:
+            return None
+        spec = importlib.util.spec_from_file_location(name, built)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    except (ImportError, OSError):
+        return None
+
+
 def _drop_stale_lock(name: str) -> None:
     """torch's build lock is a file that a killed build leaves behind, and every later build
-    then waits on it forever: remove one older than any real build."""
+    then waits on it forever: wait while a build may still be running, then remove a lock older
+    than any real build."""
     try:
-        from torch.utils.cpp_extension import _get_build_directory
-
-        lock = Path(_get_build_directory(name, verbose=False)) / "lock"
-        if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_S:
-            lock.unlink(missing_ok=True)
+        lock = _build_dir(name) / "lock"
+        while lock.exists():
+            if time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+                lock.unlink(missing_ok=True)
+                return
+            time.sleep(1.0)
     except (ImportError, OSError):
         pass
 
