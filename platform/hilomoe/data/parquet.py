@@ -77,9 +77,12 @@ def shard_pieces(files: list[Path], rank: int = 0, world: int = 1,
 
 def read_row_groups(groups: list[RowGroup]) -> Iterator[pa.Table]:
     """The tables of `groups`, one per row group; a read error names the file."""
+    opened: tuple[str, pq.ParquetFile] | None = None  # consecutive groups share a file
     for group in groups:
         path = Path(group.path)
         try:
-            yield parquet_file(path).read_row_group(group.index)
+            if opened is None or opened[0] != group.path:
+                opened = (group.path, parquet_file(path))
+            yield opened[1].read_row_group(group.index)
         except (pa.ArrowInvalid, OSError) as err:
             raise unreadable(path, err) from None

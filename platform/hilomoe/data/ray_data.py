@@ -47,7 +47,7 @@ class BatchCollate(ArrowBatchCollateFn):
 
 def row_bytes(dataset: Dataset) -> int:
     """Bytes of one row as the readers hold it: int32 ids, float32 numerics and label."""
-    return 4 * (len(dataset.schema.vocab_sizes) + dataset.schema.numeric + 1)
+    return 4 * (dataset.schema.num_fields + 1)
 
 
 class RayBatches:

@@ -37,10 +37,13 @@ class ParquetRowGroups(Datasource):
         super().__init__()
         self.seed = seed
         self.tasks: list[list[RowGroup]] = []
+        rows = 0  # in the last task
         for group in row_groups(files):
-            if not self.tasks or sum(g.rows for g in self.tasks[-1]) + group.rows > task_rows:
+            if not self.tasks or rows + group.rows > task_rows:
                 self.tasks.append([])
+                rows = 0
             self.tasks[-1].append(group)
+            rows += group.rows
         self.schema = parquet_file(files[0]).schema_arrow if files else None
 
     def estimate_inmemory_data_size(self) -> int:
@@ -73,4 +76,3 @@ def open_ray_split(dataset, split: str, shuffle_files: bool = False, seed: int =
 
     source = ParquetRowGroups(dataset.files(split), seed=seed if shuffle_files else None)
     return ray.data.read_datasource(source)
-
