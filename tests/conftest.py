@@ -15,7 +15,7 @@ import torch
 from helpers import kill_tree
 
 from hilomoe.config import MoEConfig, ModelConfig, Variant
-from hilomoe.model.ctr import FeatureSchema
+from hilomoe.schema import FeatureSchema
 
 VARIANTS = [v for v in Variant]
 MOE_VARIANTS = [v for v in Variant if v is not Variant.DENSE]

@@ -24,6 +24,33 @@ def test_model_summary_table_for_a_person():
     assert "FLOPs/sample" in out and "measured" in out and "total" in out
 
 
+def test_model_summary_reads_the_datasets_vocabularies(tmp_path):
+    """With data.path, the summary counts the dataset's real fields and vocabularies (not the
+    planted default), and splits the tables' bytes across workers by TorchRec's plan."""
+    import yaml
+
+    from hilomoe.config import PlantedData
+    from hilomoe.data.synth import write_synth
+
+    data = tmp_path / "data"
+    write_synth(PlantedData(rows=2000, categorical_fields=9, vocab_size=5000, numeric_fields=3,
+                            depth=2), data)
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump({"data": {"path": str(data)},
+                                   "model": {"embedding_dim": 8}}))
+    one = one_json(hilomoe("model", "summary", str(cfg), "--json").stdout)
+    two = one_json(hilomoe("model", "summary", str(cfg), "--json", "--workers", "2").stdout)
+    assert one["fields"] == {"categorical": 9, "numeric": 3, "embedding_rows": 45_000}
+    assert one["params_embedding"] == (45_000 + 3) * 8
+    # one worker holds every table and its row-wise Adagrad state (one float per row)
+    (alone,) = one["embedding"]["bytes_per_worker"]
+    assert alone == 45_000 * (8 + 1) * 4
+    halves = two["embedding"]["bytes_per_worker"]
+    assert sum(halves) == alone and max(halves) <= 5 * alone / 9  # whole tables: 5 of 9 at most
+    out = hilomoe("model", "summary", str(cfg), "--workers", "2").stdout
+    assert "9 categorical fields (45,000 embedding rows)" in out and "per worker" in out
+
+
 @pytest.mark.slow
 def test_train_local_json_on_the_example():
     proc = hilomoe("train", EXAMPLE, "--local", "--json")

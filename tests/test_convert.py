@@ -1,15 +1,29 @@
-"""Converters on small files written in the original layouts, quirks included."""
+"""Converters on small files written in the original layouts, quirks included.
+
+The inputs and the golden outputs of the line-by-line converter this one replaced live in
+tests/golden/convert/ (golden.py builds the inputs; its README says how the outputs were made):
+every case must convert to the same dataset.json and the same shards, byte for byte.
+"""
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from hilomoe.data.convert import ConvertError, ConvertOptions, convert
+from hilomoe.data.criteo_tsv import write_criteo_tsv
 from hilomoe.data.dataset import DatasetError, open_dataset
 from hilomoe.data.readers import ParquetBatches
+
+_spec = importlib.util.spec_from_file_location(
+    "golden_convert", Path(__file__).parent / "golden" / "convert" / "golden.py")
+golden = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(golden)
 
 
 def read_all(path):
@@ -28,22 +42,84 @@ def all_rows(splits):
     return tuple(np.concatenate([s[i] for s in splits.values()]) for i in range(3))
 
 
-CRITEO_ROWS = [
-    # label, I1..I13, C1..C26
-    ["1", "5", "", "-1", "0", "300"] + [""] * 8 + ["68fd1e64", ""] + ["a1"] * 24,
-    ["0", "1", "2", "3", "", ""] + ["7"] * 8 + ["68fd1e64", "80e26c9b"] + ["a2"] * 24,
-    ["0", "20", "", "", "", ""] + [""] * 8 + ["fb936136", "80e26c9b"] + ["a1"] * 24,
-]
+def same_rows(a, b) -> None:
+    """Two datasets hold the same rows in the same order in every split."""
+    _, rows_a = read_all(a)
+    _, rows_b = read_all(b)
+    assert rows_a.keys() == rows_b.keys()
+    for split in rows_a:
+        for x, y in zip(rows_a[split], rows_b[split]):
+            np.testing.assert_array_equal(x, y)
 
 
-def write_criteo(path, extra_lines=()):
-    lines = ["\t".join(r) for r in CRITEO_ROWS] + list(extra_lines)
-    path.write_bytes(("\n".join(lines) + "\n").encode())
-    return path
+# -- identical output -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", list(golden.CASES))
+def test_output_is_identical_to_the_line_by_line_converter(case, tmp_path):
+    """dataset.json (but its input paths), every shard's rows and the content hash, or the
+    error message: exactly what the converter at golden.COMMIT wrote for the same input."""
+    assert golden.run_case(case, tmp_path, convert, ConvertOptions) == golden.load_golden(case)
+
+
+def test_a_chunk_boundary_changes_the_writes_not_the_rows(tmp_path):
+    """Cut into many chunks, an input gives the same rows in the same splits (one random draw
+    per row, in order, whatever the chunks), the same vocabularies and the same problems,
+    located on the same lines; only the content hash, which follows the writes, differs."""
+    src = golden.write_criteo_planted(tmp_path / "p.txt", rows=2000)
+    with open(src, "ab") as f:  # malformed rows far from the first chunk
+        f.write(b"1\t2\t3\n" + "\t".join(["2"] + [""] * 39).encode() + b"\n")
+    one = convert("criteo", [src], tmp_path / "one", ConvertOptions(seed=4))
+    many = convert("criteo", [src], tmp_path / "many", ConvertOptions(seed=4),
+                   chunk_bytes=20_000)
+    assert one["chunks"] == 1 and many["chunks"] > 20
+    assert many["content_hash"] != one["content_hash"]
+    for key in ("fields", "rows_skipped", "skipped_examples"):
+        assert many[key] == one[key]
+    assert "p.txt:2001: 3 fields where 40" in one["skipped_examples"][0]
+    same_rows(tmp_path / "one", tmp_path / "many")
+    # chunk_rows cuts text at about that many rows (times the file's mean line length)
+    rows = convert("criteo", [src], tmp_path / "rows", ConvertOptions(seed=4), chunk_rows=300)
+    assert 5 <= rows["chunks"] <= 9
+    same_rows(tmp_path / "one", tmp_path / "rows")
+
+
+def test_line_numbers_count_the_header_and_blank_lines_across_chunks(tmp_path):
+    lines = [golden.AVAZU_HEADER]
+    for i in range(400):
+        lines.append(f"{i},{i % 2},14102{1 + i // 200}{i % 24:02d},1005,0,a,b,c,d,e,f,g,h,i,1,2,"
+                     f"3,4,5,6,7,8,9,10")
+    lines[150] = ""  # blank lines count as lines
+    lines[151] = "\r"
+    lines[300] = lines[300].replace(",1410", ",x1410")  # line 301: a bad hour
+    lines[350] = "1,2"  # line 351: wrong field count
+    src = tmp_path / "train.csv"
+    src.write_bytes(("\r\n".join(lines) + "\r\n").encode())
+    for chunk_bytes in (None, 700, 5000):
+        res = convert("avazu", [src], tmp_path / f"out{chunk_bytes}",
+                      ConvertOptions(min_count=1), chunk_bytes=chunk_bytes)
+        # (in a chunk, structural problems come first: the order depends on the cuts)
+        assert sorted(res["skipped_examples"]) == [f"{src}:301: hour 'x14102211' is not YYMMDDHH",
+                                                   f"{src}:351: 2 fields where 24 are expected"]
+        assert sum(s["rows"] for s in res["splits"].values()) == 396  # 2 blank, 2 malformed
+
+
+def test_parquet_chunks_are_row_ranges_across_row_groups(tmp_path):
+    args = golden.CASES["table_parquet_chunks"](tmp_path)
+    res = convert(args["format"], args["inputs"], tmp_path / "out",
+                  ConvertOptions(**args["options"]), field_spec=args["field_spec"],
+                  chunk_rows=33_333)
+    assert res["chunks"] == 7
+    same = golden.load_golden("table_parquet_chunks")["meta"]
+    assert {s: v["rows"] for s, v in res["splits"].items()} == \
+        {s: v["rows"] for s, v in same["splits"].items()}
+
+
+# -- the formats, field by field ----------------------------------------------------------------
 
 
 def test_criteo_values_field_by_field(tmp_path):
-    src = write_criteo(tmp_path / "train.txt")
+    src = golden.write_criteo(tmp_path / "train.txt")
     res = convert("criteo", [src], tmp_path / "out", ConvertOptions(min_count=1, test_fraction=0.0,
                                                                    valid_fraction=0.0))
     assert res["rows_skipped"] == 0
@@ -66,7 +142,7 @@ def test_criteo_values_field_by_field(tmp_path):
 
 
 def test_criteo_min_count_and_hashing_and_numeric_ints(tmp_path):
-    src = write_criteo(tmp_path / "train.txt")
+    src = golden.write_criteo(tmp_path / "train.txt")
     convert("criteo", [src], tmp_path / "mc", ConvertOptions(min_count=2))
     ds, splits = read_all(tmp_path / "mc")
     cat = all_rows(splits)[0]
@@ -87,13 +163,7 @@ def test_criteo_min_count_and_hashing_and_numeric_ints(tmp_path):
 
 
 def test_malformed_rows_are_counted_located_and_skipped(tmp_path):
-    src = write_criteo(tmp_path / "train.txt", extra_lines=[
-        "1\t2\t3",  # line 4: wrong field count
-        "\t".join(["1", "x"] + [""] * 38),  # line 5: text in a numeric field
-        "\t".join(["2"] + [""] * 39),  # line 6: label other than 0/1
-    ])
-    with open(src, "ab") as f:
-        f.write(b"1" + b"\t" * 39 + b"\xff\xfe\n")  # line 7: undecodable bytes
+    src = golden.write_malformed_criteo(tmp_path / "train.txt")
     res = convert("criteo", [src], tmp_path / "out", ConvertOptions(min_count=1))
     assert res["rows_skipped"] == 4
     text = "\n".join(res["skipped_examples"])
@@ -104,22 +174,11 @@ def test_malformed_rows_are_counted_located_and_skipped(tmp_path):
     with pytest.raises(ConvertError, match="train.txt:4: .*--strict"):
         convert("criteo", [src], tmp_path / "strict", ConvertOptions(strict=True))
     assert not (tmp_path / "strict").exists()
-
-
-AVAZU_HEADER = ("id,click,hour,C1,banner_pos,site_id,site_domain,site_category,app_id,app_domain,"
-                "app_category,device_id,device_ip,device_model,device_type,device_conn_type,C14,"
-                "C15,C16,C17,C18,C19,C20,C21")
+    assert [p.name for p in tmp_path.iterdir()] == [src.name, "out"]  # no temporary left
 
 
 def test_avazu_hour_fields_and_time_split(tmp_path):
-    lines = [AVAZU_HEADER]
-    for i in range(100):
-        day, hour = 21 + i // 40, i % 24
-        lines.append(f"{10**18 + i},{i % 2},1410{day}{hour:02d},1005,0,1fbe01fe,f3845767,"
-                     f"28905ebd,ecad2386,7801e8d9,07d7df22,a99f214a,ddd2926e,44956a24,1,2,"
-                     f"15706,320,50,1722,0,35,-1,79")
-    src = tmp_path / "train.csv"
-    src.write_text("\n".join(lines) + "\n")
+    src = golden.write_avazu(tmp_path / "train.csv")
     res = convert("avazu", [src], tmp_path / "out", ConvertOptions(min_count=1, split="time"))
     ds, splits = read_all(tmp_path / "out")
     names = [f.name for f in ds.meta.fields]
@@ -143,12 +202,7 @@ def test_table_csv_and_parquet_with_field_spec(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    spec = tmp_path / "spec.yaml"
-    spec.write_text("columns:\n  label: label\n  user: categorical\n  item: categorical\n"
-                    "  price: numeric\n  note: ignore\n")
-    csv = tmp_path / "frappe.csv"
-    csv.write_text("label,user,item,price,note\n1,u1,i1,2.0,x\n0,u2,i1,4.0,y\n1,u1,i2,,z\n"
-                   "0,u3,i3,oops,w\n")
+    csv, spec = golden.write_table(tmp_path)
     res = convert("table", [csv], tmp_path / "out", ConvertOptions(min_count=1), field_spec=spec)
     assert res["rows_skipped"] == 1 and "price is not a number" in res["skipped_examples"][0]
     ds, splits = read_all(tmp_path / "out")
@@ -171,13 +225,8 @@ def test_table_csv_and_parquet_with_field_spec(tmp_path):
 
 
 def test_movielens_join_labels_latin1_and_time_split(tmp_path):
-    (tmp_path / "users.dat").write_bytes(b"1::F::1::10::48067\n2::M::56::16::70072\n")
-    (tmp_path / "movies.dat").write_bytes(
-        "1::Toy Story (1995)::Animation|Children's|Comedy\n"
-        "2::Café Society (1995)::Drama\n".encode("latin-1"))  # a latin-1 title
-    ratings = [f"{1 + i % 2}::{1 + i % 3 // 2}::{1 + i % 5}::{978300760 + i}" for i in range(50)]
-    (tmp_path / "ratings.dat").write_text("\n".join(ratings) + "\n")
-    inputs = [tmp_path / n for n in ("ratings.dat", "users.dat", "movies.dat")]
+    inputs = golden.write_movielens(tmp_path)
+    ratings = inputs[0].read_text().splitlines()
     res = convert("movielens", inputs, tmp_path / "out", ConvertOptions(min_count=1, split="time"))
     assert res["rows_skipped"] == 0
     ds, splits = read_all(tmp_path / "out")
@@ -196,6 +245,117 @@ def test_movielens_join_labels_latin1_and_time_split(tmp_path):
         convert("movielens", [inputs[0], inputs[2]], tmp_path / "bad")
 
 
+# -- bounded vocabularies ------------------------------------------------------------------------
+
+
+def _counted(path: Path, field: int) -> dict[str, int]:
+    """Exact counts of one categorical column of a Criteo TSV (column 14 + field)."""
+    counts: dict[str, int] = {}
+    for line in path.read_text().splitlines():
+        v = line.split("\t")[14 + field]
+        if v:
+            counts[v] = counts.get(v, 0) + 1
+    return counts
+
+
+def test_max_vocab_keeps_the_most_frequent_values_in_bounded_tables(tmp_path):
+    src = write_criteo_tsv(tmp_path / "day.tsv", rows=6000, ids_per_field=3000, seed=2)
+    exact = convert("criteo", [src], tmp_path / "exact", ConvertOptions(min_count=1, seed=1))
+    n = 40
+    opts = ConvertOptions(min_count=1, seed=1, max_vocab=n)
+    # small chunks: many merges, and the count tables (capacity 4n) are pruned many times
+    res = convert("criteo", [src], tmp_path / "top", opts, chunk_bytes=20_000)
+    assert res["chunks"] > 50 and res["extra"]["max_vocab"] == n
+    assert all(f["vocab_size"] == n + 1 for f in res["fields"][13:])
+    errors = res["extra"]["vocab_count_error"]
+    assert errors["C1"] > 0  # pruned: the counts of the tail are approximate ...
+    assert errors["I1"] == 0  # ... but a field with few values is never pruned
+    _, top = read_all(tmp_path / "top")
+    _, full = read_all(tmp_path / "exact")
+    for field in range(26):
+        counts = _counted(src, field)
+        ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+        col = 13 + field
+        # heavy hitters, far above the error bound, keep their exact ids (their rank): rows
+        # whose value is one of the top ten have the same id as without the bound
+        heavy = ranked[9][1] > ranked[n][1] + errors[f"C{field + 1}"]
+        if heavy:
+            for split in full:
+                exact_ids, top_ids = full[split][0][:, col], top[split][0][:, col]
+                hit = (exact_ids >= 1) & (exact_ids <= 10)
+                np.testing.assert_array_equal(top_ids[hit], exact_ids[hit])
+        for split in top:
+            assert top[split][0][:, col].max() <= n
+    # deterministic: the same prunes at the same points
+    again = convert("criteo", [src], tmp_path / "again", opts, chunk_bytes=20_000)
+    assert again["content_hash"] == res["content_hash"]
+    with pytest.raises(ConvertError, match="--max-vocab must be at least 1"):
+        convert("criteo", [src], tmp_path / "bad", ConvertOptions(max_vocab=0))
+
+
+def test_max_vocab_without_pruning_equals_the_exact_top_n(tmp_path):
+    src = write_criteo_tsv(tmp_path / "day.tsv", rows=3000, ids_per_field=50, seed=5)
+    res = convert("criteo", [src], tmp_path / "top", ConvertOptions(max_vocab=20, min_count=1))
+    assert all(e == 0 for e in res["extra"]["vocab_count_error"].values())
+    full = convert("criteo", [src], tmp_path / "full", ConvertOptions(min_count=1))
+    _, top = read_all(tmp_path / "top")
+    _, exact = read_all(tmp_path / "full")
+    for split in exact:
+        ids = exact[split][0][:, 13:]
+        np.testing.assert_array_equal(top[split][0][:, 13:], np.where(ids <= 20, ids, 0))
+    assert "max_vocab" not in full["extra"]
+
+
+# -- the planted TSV ----------------------------------------------------------------------------
+
+
+def test_planted_criteo_tsv_has_the_criteo_layout(tmp_path):
+    path = write_criteo_tsv(tmp_path / "day_0", rows=5000, ids_per_field=200, seed=3)
+    assert path.read_bytes() == write_criteo_tsv(tmp_path / "again", 5000, 200, seed=3).read_bytes()
+    rows = [line.split("\t") for line in path.read_text().splitlines()]
+    assert len(rows) == 5000 and {len(r) for r in rows} == {40}
+    cols = list(zip(*rows))
+    assert set(cols[0]) == {"0", "1"}
+    ints = [v for c in cols[1:14] for v in c]
+    assert "" in ints and any(v.startswith("-") for v in ints)
+    assert all(v == "" or v.lstrip("-").isdigit() for v in ints)
+    for c in cols[14:]:
+        values = set(c) - {""}
+        assert len(values) <= 200 and all(len(v) == 8 and int(v, 16) >= 0 for v in values)
+    assert "" in cols[14 + 18]  # C19 is often empty, as in Criteo
+    c1 = _counted(path, 0)  # Zipf: the most frequent id is far above the median one
+    assert max(c1.values()) > 20 * sorted(c1.values())[len(c1) // 2]
+    res = convert("criteo", [path], tmp_path / "out", ConvertOptions())
+    assert res["rows_skipped"] == 0
+
+
+# -- Ray -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_ray_output_equals_the_single_process_output(ray_local, tmp_path):
+    src = write_criteo_tsv(tmp_path / "day.tsv", rows=20_000, ids_per_field=2000, seed=1)
+    with open(src, "ab") as f:  # problems in a late chunk
+        f.write(b"1\t2\n" + "\t".join(["0", "x"] + [""] * 38).encode() + b"\n")
+    for name, options in [("vocab", ConvertOptions(seed=3)),
+                          ("numeric", ConvertOptions(criteo_ints="numeric", max_vocab=300)),
+                          ("hashed", ConvertOptions(hash_buckets=5000))]:
+        local = convert("criteo", [src], tmp_path / f"{name}-local", options,
+                        chunk_bytes=400_000)
+        options.ray = True
+        distributed = convert("criteo", [src], tmp_path / f"{name}-ray", options,
+                              chunk_bytes=400_000)
+        assert local["chunks"] > 5 and distributed["ray"] and not local["ray"]
+        for key in ("content_hash", "splits", "fields", "rows_skipped", "skipped_examples",
+                    "extra"):
+            assert distributed[key] == local[key], key
+        assert distributed["skipped_examples"][0].endswith(":20001: 2 fields where 40 are "
+                                                           "expected")
+
+
+# -- interruption --------------------------------------------------------------------------------
+
+
 @pytest.mark.slow
 def test_a_converter_killed_halfway_leaves_no_dataset(tmp_path):
     import os
@@ -204,22 +364,38 @@ def test_a_converter_killed_halfway_leaves_no_dataset(tmp_path):
     import sys
     import time
 
-    rng = np.random.default_rng(0)
-    n = 400_000
-    ints = rng.integers(0, 50, (n, 13)).astype(str)
-    cats = np.char.add("c", rng.integers(0, 1000, (n, 26)).astype(str))
-    lines = ["\t".join(row) for row in np.column_stack([rng.integers(0, 2, n).astype(str),
-                                                        ints, cats])]
-    src = tmp_path / "train.txt"
-    src.write_text("\n".join(lines) + "\n")
+    src = write_criteo_tsv(tmp_path / "train.txt", rows=400_000, ids_per_field=10_000)
     out = tmp_path / "criteo"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # this process's threads
     proc = subprocess.Popen([sys.executable, "-m", "hilomoe", "data", "convert", "--format",
                              "criteo", "--input", str(src), "--out", str(out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    time.sleep(4.0)
-    assert proc.poll() is None, "the conversion finished before it could be interrupted"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    # evidence that the conversion is underway: the writer's temporary directory and the parsed
+    # chunks of pass 1 exist; then freeze the process, so nothing can race the checks
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and time.monotonic() < deadline:
+        if list(tmp_path.glob(".criteo.tmp-*")) and list(tmp_path.glob(".criteo.cache-*/*")):
+            break
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGSTOP)
+    try:
+        assert proc.poll() is None, "the conversion finished before it could be interrupted"
+        assert not out.exists()
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
     assert not out.exists()  # nothing at the target path, let alone something complete
     with pytest.raises(DatasetError, match="no such dataset directory"):
         open_dataset(out)
+
+
+@pytest.mark.slow
+def test_bench_convert_reports_rows_per_second_and_memory(tmp_path):
+    from hilomoe.bench.convert import run
+
+    res = run(rows=20_000, ids_per_field=1000, workdir=tmp_path)
+    assert res["rows"] == 20_000 and res["ids_per_field"] == 1000
+    for key in ("convert_rows_per_s", "convert_peak_rss_mb", "pyarrow_csv_rows_per_s",
+                "convert_seconds"):
+        assert res[key] > 0, key
+    assert json.loads(json.dumps(res)) == res

@@ -14,7 +14,7 @@ from hilomoe.data.dataset import (
 )
 from hilomoe.data.readers import ParquetBatches
 from hilomoe.data.synth import BayesAccumulator, write_synth
-from hilomoe.engine.local import train_local
+from hilomoe.session import train_local
 from hilomoe.engine.metrics import auc, logloss
 
 SPEC = PlantedData(rows=20_000, categorical_fields=4, vocab_size=30, numeric_fields=2, seed=5)

@@ -10,7 +10,8 @@ import torch
 from conftest import VARIANTS
 from hilomoe.config import PlantedData, StageName, TrainConfig
 from hilomoe.data.planted import generate_planted
-from hilomoe.engine.local import Data, build_model, memory_sources, train_local
+from hilomoe.engine.local import Data, build_model, memory_sources
+from hilomoe.session import train_local
 from hilomoe.engine.loop import EarlyStopping, Engine
 from hilomoe.model.routing import RoutingMode
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from hilomoe.config import load_config
-from hilomoe.engine.local import load_data, train_local
+from hilomoe.engine.local import load_data
+from hilomoe.session import train_local
 
 SEEDS = (0, 1, 2)
 

@@ -170,9 +170,12 @@ def test_cloud_commands_name_files_that_exist_and_studies_that_validate(line):
 def test_the_fresh_machine_commands_are_what_ci_runs():
     ci = (REPO / ".ci" / "run").read_text()
     for step in ("python3 -m venv .venv", ". .venv/bin/activate", "pip install -q torch==2.13.0",
-                 "pip install -q -e '.[test]'", "python -m pytest"):
+                 "pip install -q -e '.[cpu,test]'", "pip install -q --no-deps torchrec==1.8.0",
+                 "python -m pytest"):
         assert step in ci, step
     setup, tests = [c[0] for _, c in tagged("ci")]
+    for line in (setup, tests):  # the same installs, in the same order, as CI's
+        assert line.index("pip install -e '.[cpu") < line.index("--no-deps torchrec==1.8.0")
     assert setup.endswith("hilomoe study run studies/quickstart.yaml")
     # the quickstart itself runs verbatim in a `run slow` block
     assert any("hilomoe study run studies/quickstart.yaml" in ln

@@ -140,7 +140,8 @@ def test_every_shipped_study_file_is_valid():
     files = sorted(Path(__file__).parents[1].joinpath("studies").glob("*.yaml"))
     names = {load_study(f).name for f in files if f.name != "train_example.yaml"}
     assert names == {"quickstart", "expert_scaling", "depth_scaling", "rank_ablation",
-                     "routing_ablation", "stage_ablation", "paper_replication", "smoke"}
+                     "routing_ablation", "stage_ablation", "paper_replication", "smoke",
+                     "criteo_like"}
 
 
 def _engine(cfg):
@@ -171,15 +172,19 @@ def engine_dataset(cfg):
     return open_dataset(cfg.data.path)
 
 
-def test_a_trial_that_adopts_a_cached_stage_1_ends_where_training_it_would(dataset, tmp_path):
+@pytest.mark.parametrize("backend", ["torchrec", "torch"])
+def test_a_trial_that_adopts_a_cached_stage_1_ends_where_training_it_would(dataset, tmp_path,
+                                                                          backend):
     """The cache round trip (put, get, adopt) changes nothing: same final weights, same test
-    metrics, same epoch records as a trial that trained all three stages itself."""
-    cfg = cfg_with(dataset)
+    metrics, same epoch records as a trial that trained all three stages itself (TorchRec's
+    fused tables included: the entry holds their weights in the common layout)."""
+    cfg = cfg_with(dataset, **{"model.embedding.backend": backend})
     src = parquet_sources(engine_dataset(cfg), cfg)
     full = _engine(cfg)
     full_result = run_stages(full, src["train"], src["valid"], src["test"])
 
-    donor = _engine(cfg_with(dataset, **{"model.moe.experts": 2}))
+    donor = _engine(cfg_with(dataset, **{"model.moe.experts": 2,
+                                          "model.embedding.backend": backend}))
     list(donor.fit_stage(StageName.BASE, src["train"], src["valid"]))
     cache = Stage1Cache(tmp_path / "cache")
     key = cache.key(cfg, dataset)

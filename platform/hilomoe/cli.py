@@ -62,27 +62,39 @@ def _table(title: str, columns: list[str], rows: list[list[Any]]) -> Table:
 def cmd_model_summary(args: argparse.Namespace) -> int:
     import torch
 
-    from hilomoe.config import load_config
-    from hilomoe.data.planted import planted_schema
+    from hilomoe.config import EmbeddingConfig, load_config
+    from hilomoe.engine.local import schema_for
     from hilomoe.model import CTRModel, RoutingMode, measured_flops, model_cost
+    from hilomoe.model.embedding import embedding_bytes
 
     cfg = load_config(args.config)
-    schema = planted_schema(cfg.data.synth)
+    schema = schema_for(cfg)  # the dataset's real vocabularies when data.path is set
     mode = RoutingMode(args.routing)
     batch = args.batch or cfg.eval_batch_size
+    workers = args.workers or cfg.ray.workers
     cost = model_cost(schema, cfg.model, mode, batch)
     torch.manual_seed(cfg.seed)
-    model = CTRModel(schema, cfg.model)
+    # FLOPs are counted on the torch backend: the same function, one table, no FBGEMM padding
+    model = CTRModel(schema, cfg.model.model_copy(
+        update={"embedding": EmbeddingConfig(backend="torch")}))
     model.set_routing(mode)
     cat = torch.stack([torch.randint(0, v, (batch,)) for v in schema.vocab_sizes], dim=1)
     num = torch.randn(batch, schema.numeric)
     measured = measured_flops(model, cat, num)
+    backend = cfg.model.embedding.backend
+    per_worker = embedding_bytes(schema, cfg.model.embedding_dim, backend, workers,
+                                 cfg.stages.base.embedding_optimizer)
     result = {
         **cost.as_dict(),
         "flops_measured": measured,
         "variant": cfg.model.moe.variant.value if cfg.model.moe.has_experts else "dense",
         "routing": mode.value,
         "batch": batch,
+        "fields": {"categorical": len(schema.vocab_sizes), "numeric": schema.numeric,
+                   "embedding_rows": schema.embedding_rows},
+        "embedding": {"backend": backend, "workers": workers,
+                      "optimizer": cfg.stages.base.embedding_optimizer,
+                      "bytes_per_worker": per_worker},
         "parts": {k: {"params_total": v.params_total, "params_active": int(v.params_active),
                       "flops": v.flops} for k, v in cost.parts.items()},
     }
@@ -93,8 +105,13 @@ def cmd_model_summary(args: argparse.Namespace) -> int:
     rows.append(["total", cost.params_total, int(cost.params_active), cost.flops])
     out.print(_table(f"{args.config}: {result['variant']} model, {mode.value} routing",
                      ["part", "params", "active params", "FLOPs/sample"], rows))
-    out.print(f"embedding params {cost.params_embedding:,}; FLOPs/sample analytic "
-              f"{cost.flops:,.0f}, measured (FlopCounterMode, batch {batch}) {measured:,.0f}")
+    out.print(f"{len(schema.vocab_sizes)} categorical fields ({schema.embedding_rows:,} embedding "
+              f"rows) + {schema.numeric} numeric; embedding params {cost.params_embedding:,}; "
+              f"FLOPs/sample analytic {cost.flops:,.0f}, measured (FlopCounterMode, batch "
+              f"{batch}) {measured:,.0f}", highlight=False)
+    out.print(f"embedding tables + {result['embedding']['optimizer']} state per worker "
+              f"({backend}, {workers} worker(s)): "
+              + ", ".join(f"{b / 2**20:,.1f} MiB" for b in per_worker), highlight=False)
     return 0
 
 
@@ -162,7 +179,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = cfg.with_overrides(**overrides)
     if not args.local:
         return _train_ray(args, cfg)
-    from hilomoe.engine.local import train_local
+    from hilomoe.session import train_local
 
     result = train_local(cfg, on_epoch=lambda r: _epoch_line(
         r.stage, r.epoch, r.train["loss"], r.valid, r.improved, r.samples_per_s))
@@ -234,10 +251,10 @@ def cmd_data_convert(args: argparse.Namespace) -> int:
     from hilomoe.data.convert import ConvertOptions, convert
 
     options = ConvertOptions(min_count=args.min_count, hash_buckets=args.hash_buckets,
-                             split=args.split, seed=args.seed, strict=args.strict,
-                             criteo_ints=args.criteo_ints, overwrite=args.overwrite,
-                             rating_threshold=args.rating_threshold,
-                             drop_neutral=args.drop_neutral)
+                             max_vocab=args.max_vocab, split=args.split, seed=args.seed,
+                             strict=args.strict, criteo_ints=args.criteo_ints,
+                             overwrite=args.overwrite, rating_threshold=args.rating_threshold,
+                             drop_neutral=args.drop_neutral, ray=args.ray)
     log.print(f"converting {len(args.input)} {args.format} file(s) to {args.out} ...")
     result = convert(args.format, args.input, args.out, options, field_spec=args.field_spec)
     if result["rows_skipped"]:
@@ -304,6 +321,28 @@ def cmd_bench_data(args: argparse.Namespace) -> int:
         return 0
     out.print(_table("data paths", ["path", "detail", "rows", "seconds", "rows/s"],
                      [[r.path, r.detail, r.rows, r.seconds, r.rows_per_s] for r in rows]))
+    return 0
+
+
+def cmd_bench_convert(args: argparse.Namespace) -> int:
+    from hilomoe.bench import convert
+
+    if args.ids_per_field < 1:
+        raise HilomoeError(f"--ids-per-field: must be a positive integer, got {args.ids_per_field}")
+    log.print(f"benchmarking data convert on {args.rows:,} planted Criteo rows "
+              f"({args.ids_per_field:,} ids per field{', on Ray' if args.ray else ''}) ...")
+    res = convert.run(rows=args.rows, ids_per_field=args.ids_per_field, ray=args.ray)
+    if args.json:
+        _emit_json(res)
+        return 0
+    ceiling = res["pyarrow_csv_rows_per_s"]
+    out.print(_table(f"data convert: {res['rows']:,} rows, {res['input_mb']:,.0f} MB TSV, "
+                     f"{res['chunks']} chunk(s)",
+                     ["path", "seconds", "rows/s", "vs ceiling", "peak RSS MB"],
+                     [["pyarrow_csv (ceiling)", res["pyarrow_csv_seconds"], ceiling, "100%", "-"],
+                      ["convert --ray" if res["ray"] else "convert", res["convert_seconds"],
+                       res["convert_rows_per_s"], f"{res['convert_rows_per_s'] / ceiling:.0%}",
+                       res["convert_peak_rss_mb"]]]))
     return 0
 
 
@@ -447,6 +486,36 @@ def cmd_ui(args: argparse.Namespace) -> int:
         return 0
 
 
+def cmd_bench_scale(args: argparse.Namespace) -> int:
+    from hilomoe.bench import scale
+
+    result = scale.run(ids=tuple(args.ids), paths=tuple(args.paths),
+                       backends=tuple(args.backends), train_rows=args.train_rows,
+                       convert_rows=args.convert_rows,
+                       log=lambda m: log.print(m, highlight=False))
+    if args.json:
+        _emit_json(result)
+        return 0
+    out.print(_table("training at real vocabularies (samples/s per stage; busiest worker)",
+                     ["path", "backend", "ids/field", "stage", "samples/s", "peak RSS MB",
+                      "embedding MB"],
+                     [[r["path"], r["backend"], r["ids_per_field"], r["stage"],
+                       r["samples_per_s"], r["peak_rss_mb"], r["embedding_bytes"] / 2**20]
+                      for r in result["rows"]]))
+    g = result["goals"]
+    for key, ratio in g["torchrec_speed_ratio"].items():
+        out.print(f"torchrec {key}: {ratio:.2f}x of its speed at the fewest ids (goal >= 0.7)",
+                  highlight=False)
+    for key, ratio in g["bytes_ratio_2_over_1"].items():
+        out.print(f"{key}: 2 workers hold {ratio:.2f}x of 1 worker's embedding bytes each "
+                  f"(goal <= 0.6 for torchrec)", highlight=False)
+    if result.get("convert_rows_per_s"):
+        out.print(f"convert: {result['convert_rows_per_s']:,.0f} rows/s vs pyarrow.csv read "
+                  f"{result['pyarrow_csv_rows_per_s']:,.0f} rows/s; peak RSS "
+                  f"{result['convert_peak_rss_mb']:,.0f} MB", highlight=False)
+    return 0
+
+
 def cmd_bench_study(args: argparse.Namespace) -> int:
     from hilomoe.bench import study
 
@@ -508,12 +577,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="parameters and per-sample FLOPs (analytic and measured)",
         description="Parameters (total, active per sample, embedding) and per-sample forward "
                     "FLOPs of the configured model, analytic and measured by torch's "
-                    "FlopCounterMode.",
+                    "FlopCounterMode, on the dataset's real vocabularies when data.path is "
+                    "set; and the bytes of embedding tables and their optimiser state each "
+                    "worker holds (TorchRec's sharding plan for --workers N).",
         example="hilomoe model summary studies/train_example.yaml --json",
     )
     s.add_argument("--routing", choices=["sparse", "dense", "off"], default="sparse",
                    help="routing mode to count (default: sparse, the deployed model)")
     s.add_argument("--batch", type=int, default=None, help="batch size (default: eval_batch_size)")
+    s.add_argument("--workers", type=int, default=None,
+                   help="report embedding bytes per worker for this many Ray Train workers "
+                        "(default: ray.workers)")
 
     t = _command(
         sub, "train", cmd_train, config=False, help="train through the three stages",
@@ -580,6 +654,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="values seen fewer times map to the OOV id 0 (default 2)")
     c.add_argument("--hash-buckets", type=int, default=None,
                    help="hash categorical values into this many ids instead of a vocabulary")
+    c.add_argument("--max-vocab", type=int, default=None, metavar="N",
+                   help="keep each field's N most frequent values, counting in bounded memory "
+                        "(default: all values seen --min-count times)")
     c.add_argument("--split", choices=["random", "time"], default="random",
                    help="random 8:1:1 (seeded), or by time where the format has one")
     c.add_argument("--seed", type=int, default=0)
@@ -591,6 +668,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="movielens: leave out ratings just below the threshold (the usual 3s)")
     c.add_argument("--strict", action="store_true", help="stop at the first malformed row")
     c.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
+    c.add_argument("--ray", action="store_true",
+                   help="spread both passes over the Ray cluster (RAY_ADDRESS, else a local "
+                        "Ray); automatic in a Ray job for inputs of several chunks")
 
     bench_sub = _group(sub, "bench", "speed benchmarks",
                        "Speed benchmarks that print a table (or --json): several paths side by "
@@ -623,6 +703,18 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--rows", type=int, default=2_000_000)
     bd.add_argument("--batch", type=int, default=8192)
     bd.add_argument("--skip-ray", action="store_true", help="leave out the Ray Data path")
+    bc = _command(
+        bench_sub, "convert", cmd_bench_convert, config=False,
+        help="rows/s and peak memory of data convert on a planted Criteo TSV",
+        description="Write a planted Criteo-shaped TSV (Zipf ids, --ids-per-field values per "
+                    "categorical field), time pyarrow.csv.read_csv on it (the ceiling) and a "
+                    "full `hilomoe data convert` in a subprocess: rows/s of both passes and "
+                    "the writing, and the conversion's peak resident memory.",
+        example="hilomoe bench convert --rows 1000000 --ids-per-field 100000 --json",
+    )
+    bc.add_argument("--rows", type=int, default=1_000_000)
+    bc.add_argument("--ids-per-field", type=int, default=100_000)
+    bc.add_argument("--ray", action="store_true", help="convert with --ray")
     bt = _command(
         bench_sub, "train", cmd_bench_train, config=False,
         help="samples/s of in-memory, Parquet and Ray Train (1 and 2 workers) training",
@@ -645,6 +737,26 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--batch", type=int, default=None, help="batch size (default: the config's)")
     bt.add_argument("--readers", nargs="+", choices=["ray_data", "parquet"],
                     default=["ray_data", "parquet"], help="worker data paths to measure")
+    bsc = _command(
+        bench_sub, "scale", cmd_bench_scale, config=False,
+        help="training and conversion at real vocabularies (20 to 100k ids per field)",
+        description="Criteo-shaped planted data (26 categorical + 13 numeric fields) at 20, "
+                    "10k and 100k ids per field, trained locally and on Ray Train with 1 and 2 "
+                    "workers with each embedding backend (torchrec, torch), one run after the "
+                    "other: samples/s per stage, peak RSS and embedding bytes per worker; then "
+                    "the converter's rows/s on a Criteo TSV against pyarrow.csv's read.",
+        example="hilomoe bench scale --json\n"
+                "  hilomoe bench scale --ids 20 100000 --paths local --backends torchrec",
+    )
+    bsc.add_argument("--ids", type=int, nargs="+", default=[20, 10_000, 100_000],
+                     help="ids per categorical field, one dataset each")
+    bsc.add_argument("--paths", nargs="+", choices=["local", "ray_1", "ray_2"],
+                     default=["local", "ray_1", "ray_2"])
+    bsc.add_argument("--backends", nargs="+", choices=["torchrec", "torch"],
+                     default=["torchrec", "torch"])
+    bsc.add_argument("--train-rows", type=int, default=300_000, help="train rows per dataset")
+    bsc.add_argument("--convert-rows", type=int, default=300_000,
+                     help="rows of the converter's Criteo TSV (0: skip the converter)")
     bs = _command(
         bench_sub, "study", cmd_bench_study, config=False,
         help="share of a study's wall time spent outside trial training",
@@ -712,7 +824,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _check_positive(args: argparse.Namespace) -> None:
     for key in ("batch", "dim", "experts", "top_k", "repeats", "rows", "min_count", "epochs",
-                "workers", "trials", "concurrency"):
+                "workers", "trials", "concurrency", "ids", "train_rows"):
         value = getattr(args, key, None)
         if any(v < 1 for v in (value if isinstance(value, list) else [value]) if v is not None):
             raise HilomoeError(f"--{key.replace('_', '-')}: must be a positive integer, got {value}")

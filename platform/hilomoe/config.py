@@ -110,8 +110,22 @@ class BackboneConfig(Strict):
         return self
 
 
+class EmbeddingConfig(Strict):
+    """How the categorical fields' tables are stored and trained (model/embedding.py).
+
+    torchrec  one TorchRec table per field on FBGEMM's table-batched kernels, updated in the
+              backward pass by a fused row-wise optimiser, sharded table-wise across Ray Train
+              workers (DistributedModelParallel) when there are several
+    torch     one `nn.Embedding(sparse=True)` holding every field, a sparse torch optimiser, and
+              replicated on every worker (DDP all-reduces its sparse gradients)
+    """
+
+    backend: Literal["torchrec", "torch"] = "torchrec"
+
+
 class ModelConfig(Strict):
     embedding_dim: int = Field(8, ge=1, le=1024)
+    embedding: EmbeddingConfig = EmbeddingConfig()
     backbone: BackboneConfig = BackboneConfig()
     moe: MoEConfig = MoEConfig()
 
@@ -146,6 +160,12 @@ class StageConfig(Strict):
     base_lr_mult: float = Field(
         1.0, gt=0.0, description="learning-rate multiplier of base parameters (joint stage)"
     )
+    embedding_optimizer: Literal["rowwise_adagrad", "adagrad", "adam", "sgd"] = Field(
+        "rowwise_adagrad", description="the embedding tables' sparse optimiser: it updates "
+        "only the rows a batch touches (adam: Adam on touched rows; FBGEMM has it on GPUs only)")
+    embedding_lr: float | None = Field(
+        None, gt=0.0, description="the tables' learning rate (default: EMBEDDING_LR of the "
+        "optimiser); the joint stage multiplies it by base_lr_mult like every base parameter")
 
 
 # The recipe's per-stage defaults. A file overrides them key by key (deep merge), so setting

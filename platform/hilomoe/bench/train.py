@@ -27,7 +27,8 @@ from hilomoe.config import TrainConfig, load_config
 from hilomoe.data.batches import TensorBatches
 from hilomoe.data.dataset import SPLITS, Dataset, open_dataset
 from hilomoe.data.readers import ParquetBatches
-from hilomoe.engine.local import Data, parquet_sources, train_local
+from hilomoe.engine.local import Data, parquet_sources
+from hilomoe.session import train_local
 
 
 @dataclass
@@ -118,8 +119,8 @@ def gpu_row(cfg: TrainConfig, ds: Dataset, device: str) -> Row:
     for src in sources.values():
         src.cat, src.num, src.label = (t.to(device) for t in (src.cat, src.num, src.label))
     clock = _Clock()
-    summary = train_local(cfg, clock, Data(ds.schema, sources), device=device,
-                          autocast=torch.bfloat16)
+    summary = train_local(cfg.with_overrides(**{"ray.precision": "bf16"}), clock,
+                          Data(ds.schema, sources), device=device)
     row = clock.row(f"memory_{device}", summary)
     flops = model_cost(ds.schema, cfg.model, batch=cfg.stages.base.batch_size).flops
     name = torch.cuda.get_device_name()

@@ -35,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from hilomoe.config import format_validation_error
 from hilomoe.errors import DatasetError
-from hilomoe.model.ctr import FeatureSchema
+from hilomoe.schema import FeatureSchema
 
 SPLITS = ("train", "valid", "test")
 META_FILE = "dataset.json"

@@ -22,7 +22,7 @@ import numpy as np
 
 from hilomoe.config import PlantedData
 from hilomoe.engine.metrics import auc, logloss
-from hilomoe.model.ctr import FeatureSchema
+from hilomoe.schema import FeatureSchema
 
 
 @dataclass

@@ -1,21 +1,26 @@
-"""In-process training (no Ray): configuration -> data -> model -> the three stages -> test."""
+"""What a training session is built from (no Ray): the data's batch sources and the seeded model.
+
+    data = load_data(cfg)                       # the planted problem in memory, or a dataset
+    model = build_model(cfg, data.schema)       # seeded; the same base for every variant
+
+`hilomoe.session` runs the stages over them.
+"""
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
 from hilomoe.config import ModelConfig, TrainConfig, Variant
 from hilomoe.data.batches import TensorBatches
 from hilomoe.data.dataset import SPLITS, Dataset, open_dataset
-from hilomoe.data.planted import PlantedProblem, generate_planted
+from hilomoe.data.planted import PlantedProblem, generate_planted, planted_schema
 from hilomoe.data.readers import ParquetBatches
-from hilomoe.engine.loop import BatchSource, Engine, EpochRecord, run_stages
-from hilomoe.model.ctr import CTRModel, FeatureSchema
-from hilomoe.model.flops import model_cost
+from hilomoe.engine.loop import BatchSource
+from hilomoe.model.ctr import CTRModel
+from hilomoe.model.embedding import make_embedding
+from hilomoe.schema import FeatureSchema
 
 
 def memory_sources(problem: PlantedProblem, cfg: TrainConfig) -> dict[str, TensorBatches]:
@@ -48,6 +53,14 @@ class Data:
     bayes: dict[str, dict[str, float]] | None = None
 
 
+def schema_for(cfg: TrainConfig) -> FeatureSchema:
+    """The fields a configuration trains on: its dataset's (real vocabularies), else its
+    planted problem's; reads metadata only."""
+    if cfg.data.path:
+        return open_dataset(cfg.data.path, check_shards=False).schema
+    return planted_schema(cfg.data.synth)
+
+
 def load_data(cfg: TrainConfig) -> Data:
     if cfg.data.path:
         ds = open_dataset(cfg.data.path)
@@ -62,42 +75,24 @@ def base_model_config(model: ModelConfig) -> ModelConfig:
     return model.model_copy(update={"moe": model.moe.model_copy(update={"variant": Variant.DENSE})})
 
 
-def build_model(cfg: TrainConfig, schema: FeatureSchema) -> CTRModel:
+def build_model(cfg: TrainConfig, schema: FeatureSchema, device: str | torch.device = "cpu",
+                sharded: bool = False) -> CTRModel:
     """A seeded model whose base parameters (embeddings, W0 of every projection, head) depend
     only on the seed and the base settings, not on the experts: every variant of a study then
-    starts from the same base, so one trained stage 1 serves them all (study/cache.py)."""
+    starts from the same base, so one trained stage 1 serves them all (study/cache.py).
+
+    The tables draw from generators of their own (`embedding.init_table`), so each rank of a
+    sharded model draws only its own; `sharded` splits TorchRec tables across the process group.
+    """
+    m = cfg.model
+    embedding = make_embedding(schema, m.embedding_dim, m.embedding.backend, cfg.seed, device,
+                               sharded)
     torch.manual_seed(cfg.seed)
-    model = CTRModel(schema, cfg.model)
+    model = CTRModel(schema, m, embedding)
     if model.has_experts:
         torch.manual_seed(cfg.seed)
-        base = CTRModel(schema, base_model_config(cfg.model))
-        unexpected = model.load_state_dict(base.state_dict(), strict=False).unexpected_keys
+        base = CTRModel(schema, base_model_config(m), embedding)  # shares the tables
+        dense = {k: v for k, v in base.state_dict().items() if not k.startswith("embedding.")}
+        unexpected = model.load_state_dict(dense, strict=False).unexpected_keys
         assert not unexpected, unexpected  # the base model's names are a subset of the MoE's
-    return model
-
-
-def summarize(result: dict, cfg: TrainConfig, data: Data, seconds: float) -> dict:
-    """The JSON-ready summary of `run_stages`' result: per-stage bests, test, cost, history."""
-    cost = model_cost(data.schema, cfg.model, batch=cfg.eval_batch_size)
-    test = result["test"]
-    return {
-        "stages": {k: v.summary() for k, v in result["stages"].items()},
-        "test": {"auc": test["auc"], "logloss": test["logloss"],
-                 "routing": {k: v for k, v in test.items() if k not in ("auc", "logloss")}},
-        "bayes": data.bayes,
-        "cost": cost.as_dict(),
-        "history": [r.as_dict() for s in result["stages"].values() for r in s.history],
-        "seconds": seconds,
-    }
-
-
-def train_local(cfg: TrainConfig, on_epoch: Callable[[EpochRecord], None] | None = None,
-                data: Data | None = None, device: str = "cpu",
-                autocast: torch.dtype | None = None) -> dict:
-    """Train through every enabled stage in this process; return a JSON-ready summary."""
-    t0 = time.perf_counter()
-    data = data or load_data(cfg)
-    engine = Engine(build_model(cfg, data.schema), cfg.stages, device, autocast=autocast)
-    src = data.sources
-    result = run_stages(engine, src["train"], src["valid"], src["test"], on_epoch)
-    return summarize(result, cfg, data, time.perf_counter() - t0)
+    return model.to(device)

@@ -6,9 +6,9 @@
             print(record)                      # one EpochRecord per epoch
     test = engine.evaluate(test_source.epoch(0))
 
-A distributed driver (Ray Train) uses the same object: it passes `wrap` (e.g. Ray's
-`prepare_model`, applied after each stage freezes its parameters), feeds each worker's shard,
-gathers `predict` outputs for exact AUC, and checkpoints `state_dict()` after each epoch.
+A distributed driver (Ray Train) uses the same object: it passes `parallel` (DDP applied after
+each stage freezes its parameters, gathered predictions for exact AUC), feeds each worker's
+shard, and checkpoints `state_dict()` after each epoch.
 """
 
 from __future__ import annotations
@@ -27,12 +27,16 @@ from hilomoe.config import StageName, StagesConfig
 from hilomoe.data.batches import Batch
 from hilomoe.engine.losses import objective
 from hilomoe.engine.metrics import RoutingStats, auc, logloss
-from hilomoe.engine.stages import StageSetup, make_optimizer, prepare_stage, stage_plan
+from hilomoe.engine.optimizers import make_optimizer, make_table_optimizer
+from hilomoe.engine.parallel import Parallel
+from hilomoe.engine.stages import StageSetup, prepare_stage, stage_plan
 from hilomoe.model.ctr import CTRModel
 
 
 class BatchSource(Protocol):
-    """Anything that yields an epoch of batches (in memory, Parquet, a Ray Data shard)."""
+    """Anything that yields an epoch of batches (in memory, Parquet, a Ray Data shard). An
+    evaluation source of a sharded model may also yield None: this rank has no rows left but
+    another still has (see parallel.lockstep); the model then joins its lookups with none."""
 
     def epoch(self, epoch: int, batch_size: int | None = None) -> Iterable[Batch]: ...
 
@@ -130,23 +134,23 @@ class Engine:
     """Trains one CTRModel through the stages of `stages`; holds optimizer and stopping state."""
 
     def __init__(self, model: CTRModel, stages: StagesConfig, device: str | torch.device = "cpu",
-                 wrap: Callable[[nn.Module], nn.Module] | None = None,
-                 gather: Callable[[Predictions], Predictions] | None = None,
-                 autocast: torch.dtype | None = None, keep_stage_models: bool = False):
-        """`wrap` wraps the model for training after each stage sets what trains (DDP, compile);
-        `gather` combines this process's predictions with other workers' before metrics are
-        computed; `autocast` is a lower-precision dtype (bf16) for forward passes;
-        `keep_stage_models` keeps each finished stage's best weights in `stage_models` (and in
-        the state dict), for checkpoints that outlive the stage."""
+                 parallel: Parallel | None = None, autocast: torch.dtype | None = None,
+                 keep_stage_models: bool = False):
+        """`parallel` wraps the model for training after each stage sets what trains (DDP,
+        compile) and combines this process's predictions with other ranks' before metrics are
+        computed (engine/parallel.py; default: this process alone); `autocast` is a
+        lower-precision dtype (bf16) for forward passes; `keep_stage_models` keeps each
+        finished stage's best weights in `stage_models` (and in the state dict), for
+        checkpoints that outlive the stage."""
         self.model = model.to(device)
         self.stages = stages
         self.device = torch.device(device)
-        self.wrap = wrap or (lambda m: m)
-        self.gather = gather or (lambda p: p)
+        self.parallel = parallel or Parallel(device=self.device)
         self.autocast = autocast
         self.module: nn.Module = self.model
         self.setup: StageSetup | None = None
         self.optimizer: torch.optim.Optimizer | None = None
+        self.table_optimizer: torch.optim.Optimizer | None = None  # torch backend's sparse one
         self.stopper: EarlyStopping | None = None
         self.best_state: dict | None = None
         self.completed: list[StageName] = []
@@ -164,8 +168,9 @@ class Engine:
         cfg = self.stages.get(name)
         base_pretrained = StageName.BASE in self.completed
         self.setup = prepare_stage(self.model, name, cfg, base_pretrained)
-        self.module = self.wrap(self.model)
-        self.optimizer = make_optimizer(self.setup)
+        self.table_optimizer = make_table_optimizer(self.model.embedding, self.setup.tables)
+        self.module = self.parallel.wrap(self.model)
+        self.optimizer = make_optimizer(self.setup.param_groups, cfg)
         self.stopper = EarlyStopping(cfg.patience, cfg.min_delta)
         self.best_state = None
         self.next_epoch = 0
@@ -218,14 +223,17 @@ class Engine:
         aux = self.setup.config.aux
         keys = [layer.keys() for layer in self.model.moe_layers()] if routings and aux.diversity else []
         loss, parts = objective(logit, batch.label, routings, keys, aux)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.setup.config.grad_clip:
+        optimizers = [o for o in (self.optimizer, self.table_optimizer) if o is not None]
+        for o in optimizers:
+            o.zero_grad(set_to_none=True)
+        loss.backward()  # fused tables update here, inside the backward pass
+        if self.setup.config.grad_clip:  # the dense parameters' norm: fused rows are done
             nn.utils.clip_grad_norm_(
                 [p for g in self.setup.param_groups for p in g["params"]],
                 self.setup.config.grad_clip,
             )
-        self.optimizer.step()
+        for o in optimizers:
+            o.step()
         return {"loss": float(loss.detach()), **{k: float(v.detach()) for k, v in parts.items()}}
 
     def train_epoch(self, batches: Iterable[Batch]) -> tuple[dict[str, float], int]:
@@ -247,6 +255,9 @@ class Engine:
         self.model.eval()
         labels, probs, routing = [], [], RoutingStats()
         for batch in batches:
+            if batch is None:  # other ranks still evaluate: join their sharded lookups
+                self.model.embedding.join()
+                continue
             batch = batch.to(self.device)
             with self._precision():
                 logit, routings = self.model(batch.cat, batch.num)
@@ -259,7 +270,9 @@ class Engine:
 
     def evaluate(self, batches: Iterable[Batch]) -> dict[str, float]:
         """Metrics over every worker's predictions (exact AUC, not a mean of per-worker AUCs)."""
-        return self.gather(self.predict(batches)).metrics()
+        if self.parallel.world > 1 and self.model.embedding.fused:
+            batches = self.parallel.lockstep(batches)
+        return self.parallel.gather(self.predict(batches)).metrics()
 
     def fit_stage(self, name: StageName, train: BatchSource,
                   valid: BatchSource) -> Iterator[EpochRecord]:
@@ -286,10 +299,20 @@ class Engine:
 
     # -- checkpoints -------------------------------------------------------------------------
 
+    def _table_optimizer_state(self) -> dict | None:
+        if self.table_optimizer is not None:
+            return self.table_optimizer.state_dict()
+        if self.model.embedding.fused and self.model.embedding.trainable:
+            return self.model.embedding.optimizer_state()
+        return None
+
     def state_dict(self) -> dict:
+        """Plain tensors, numbers and strings only (loads with `weights_only=True`). With
+        sharded tables it holds this rank's tables and their optimiser state."""
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict() if self.optimizer else None,
+            "table_optimizer": self._table_optimizer_state(),
             "stage": self.setup.name.value if self.setup else None,
             "stopper": asdict(self.stopper) if self.stopper else None,
             "best_state": self.best_state,
@@ -308,6 +331,11 @@ class Engine:
             self.start_stage(StageName(state["stage"]))
             if state["optimizer"] is not None:
                 self.optimizer.load_state_dict(state["optimizer"])
+            tables = state.get("table_optimizer")
+            if tables is not None and self.table_optimizer is not None:
+                self.table_optimizer.load_state_dict(tables)
+            elif tables is not None and self.model.embedding.fused:
+                self.model.embedding.load_optimizer_state(tables)
             self.stopper = EarlyStopping(**state["stopper"])
             self.best_state = state["best_state"]
             self.next_epoch = state.get("next_epoch", 0)

@@ -3,7 +3,9 @@
 Our reading of the paper's "principled three-stage training framework" (arXiv 2510.10432):
 
   1. base     experts off (the L = 0 path): train embeddings, W0 and the head. This IS the
-              non-MoE baseline, and its best checkpoint is kept.
+              non-MoE baseline, and its best checkpoint is kept.  The embedding tables train
+              with the stage's sparse `embedding_optimizer` (optimizers.py), the rest with its
+              dense optimiser.
   2. experts  start from stage 1's best weights, freeze the base, train experts and routers with
               dense (soft) routing and the diversity and balance losses. U starts at zero, so
               the stage starts exactly at stage 1's function (and validation loss).
@@ -19,10 +21,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from hilomoe.config import StageConfig, StageName, StagesConfig
+from hilomoe.engine.optimizers import table_spec
 from hilomoe.model.ctr import CTRModel
+from hilomoe.model.embedding import TableOptimizer
 from hilomoe.model.routing import RoutingMode
 
 ROUTING = {
@@ -44,32 +46,30 @@ class StageSetup:
     name: StageName
     config: StageConfig
     routing: RoutingMode
-    param_groups: list[dict]  # for the optimizer: params and their learning rates
+    param_groups: list[dict]  # for the dense optimizer: params and their learning rates
+    tables: TableOptimizer | None  # the embedding tables' optimiser; None: frozen
 
 
 def prepare_stage(model: CTRModel, name: StageName, cfg: StageConfig,
                   base_pretrained: bool) -> StageSetup:
-    """Set routing and requires_grad on `model` for stage `name`; return its optimizer groups."""
+    """Set routing and requires_grad on `model` for stage `name`; return its optimizer groups
+    and the tables' optimiser (the tables are base parameters: frozen in stage 2, at
+    base_lr_mult in stage 3)."""
     base, experts = model.base_parameters(), model.expert_parameters()
+    tables = model.embedding.table_parameters()
     model.set_routing(ROUTING[name])
     if name is StageName.BASE:
-        trainable, groups = base, [{"params": base, "lr": cfg.lr}]
+        trainable, groups = base + tables, [{"params": base, "lr": cfg.lr}]
+        spec = table_spec(cfg)
     elif name is StageName.EXPERTS:
         trainable, groups = experts, [{"params": experts, "lr": cfg.lr}]
+        spec = None
     else:
-        base_lr = cfg.lr * (cfg.base_lr_mult if base_pretrained else 1.0)
-        trainable = base + experts
-        groups = [{"params": base, "lr": base_lr}, {"params": experts, "lr": cfg.lr}]
+        mult = cfg.base_lr_mult if base_pretrained else 1.0
+        trainable = base + tables + experts
+        groups = [{"params": base, "lr": cfg.lr * mult}, {"params": experts, "lr": cfg.lr}]
+        spec = table_spec(cfg, mult)
     keep = {id(p) for p in trainable}
     for p in model.parameters():
         p.requires_grad_(id(p) in keep)
-    return StageSetup(name, cfg, ROUTING[name], [g for g in groups if g["params"]])
-
-
-def make_optimizer(setup: StageSetup) -> torch.optim.Optimizer:
-    cfg = setup.config
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(setup.param_groups, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(setup.param_groups, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(setup.param_groups, momentum=0.9, weight_decay=cfg.weight_decay)
+    return StageSetup(name, cfg, ROUTING[name], [g for g in groups if g["params"]], spec)

@@ -1,7 +1,8 @@
 """The CTR model: field embeddings -> backbone (DCNv2 cross network and MLP) -> logit.
 
     cat: (B, F_c) int64 ids,  num: (B, F_n) float32
-      -> FeatureEmbedding          x0: (B, d0),  d0 = (F_c + F_n) * e
+      -> FeatureEmbedding          x0: (B, d0),  d0 = (F_c + F_n) * e   (embedding.py: torch or
+                                                                        TorchRec tables)
       -> cross  x_{l+1} = x0 * proj(x_l) + x_l        (DCNv2, Wang et al. 2021, eq. 1)
       -> mlp    h_{l+1} = act(proj(h_l))
          (parallel: cross(x0) and mlp(x0) concatenated; stacked: mlp(cross(x0)))
@@ -21,20 +22,12 @@ import torch
 from torch import Tensor, nn
 
 from hilomoe.config import ModelConfig
+from hilomoe.model.embedding import FeatureEmbedding, make_embedding
 from hilomoe.model.layers import Projection, make_projection
 from hilomoe.model.routing import Routing, RoutingMode
+from hilomoe.schema import FeatureSchema
 
-
-@dataclass(frozen=True)
-class FeatureSchema:
-    """The input fields: one vocabulary size per categorical field, and a numeric field count."""
-
-    vocab_sizes: tuple[int, ...]
-    numeric: int = 0
-
-    @property
-    def num_fields(self) -> int:
-        return len(self.vocab_sizes) + self.numeric
+__all__ = ["CTRModel", "FeatureSchema", "ProjectionSpec", "projection_specs"]
 
 
 @dataclass(frozen=True)
@@ -64,33 +57,15 @@ def projection_specs(schema: FeatureSchema, cfg: ModelConfig) -> list[Projection
     return specs
 
 
-class FeatureEmbedding(nn.Module):
-    """Per-field embeddings in one table (ids offset per field) and a vector per numeric field.
+class CTRModel(nn.Module):
+    """forward(cat, num) -> (logit: (B,), routings: one Routing per MoE projection that routed).
 
-    cat: (B, F_c) ids in [0, vocab_f), num: (B, F_n) -> (B, (F_c + F_n) * e); a numeric value v of
-    field j embeds as v * w_j (FuxiCTR's numeric embedding).
+    `embedding` is injected (TorchRec-style: the sparse arch apart from the dense one); without
+    one, the configured backend is built unsharded with seed 0.
     """
 
-    def __init__(self, schema: FeatureSchema, dim: int):
-        super().__init__()
-        self.schema, self.dim = schema, dim
-        self.table = nn.Embedding(sum(schema.vocab_sizes), dim)
-        nn.init.normal_(self.table.weight, std=0.05)
-        offsets = torch.tensor([0, *schema.vocab_sizes[:-1]], dtype=torch.long).cumsum(0)
-        self.register_buffer("offsets", offsets, persistent=False)
-        self.numeric = nn.Parameter(torch.randn(schema.numeric, dim) * 0.05)
-
-    def forward(self, cat: Tensor, num: Tensor) -> Tensor:
-        parts = [self.table(cat + self.offsets)]  # (B, F_c, e)
-        if self.schema.numeric:
-            parts.append(num.unsqueeze(-1) * self.numeric)  # (B, F_n, e)
-        return torch.cat(parts, dim=1).flatten(1)
-
-
-class CTRModel(nn.Module):
-    """forward(cat, num) -> (logit: (B,), routings: one Routing per MoE projection that routed)."""
-
-    def __init__(self, schema: FeatureSchema, cfg: ModelConfig):
+    def __init__(self, schema: FeatureSchema, cfg: ModelConfig,
+                 embedding: FeatureEmbedding | None = None):
         super().__init__()
         self.schema, self.cfg = schema, cfg
         specs = projection_specs(schema, cfg)
@@ -99,7 +74,8 @@ class CTRModel(nn.Module):
         def proj(spec: ProjectionSpec) -> Projection:
             return make_projection(spec.d_in, spec.d_out, moe if spec.experts else None)
 
-        self.embedding = FeatureEmbedding(schema, cfg.embedding_dim)
+        self.embedding = embedding or make_embedding(schema, cfg.embedding_dim,
+                                                     cfg.embedding.backend)
         self.cross = nn.ModuleList(proj(s) for s in specs if s.name.startswith("cross."))
         self.mlp = nn.ModuleList(proj(s) for s in specs if s.name.startswith("mlp."))
         self.head = nn.Linear(specs[-1].d_in, 1)
@@ -153,5 +129,7 @@ class CTRModel(nn.Module):
         return {k: v.detach().clone() for k, v in self.state_dict().items() if k not in names}
 
     def base_parameters(self) -> list[nn.Parameter]:
-        experts = {id(p) for p in self.expert_parameters()}
-        return [p for p in self.parameters() if id(p) not in experts]
+        """Dense base parameters: everything but the experts and the embedding tables (which
+        their own sparse or fused optimiser trains)."""
+        skip = {id(p) for p in self.expert_parameters() + self.embedding.table_parameters()}
+        return [p for p in self.parameters() if id(p) not in skip]

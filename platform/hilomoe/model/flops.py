@@ -33,7 +33,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from hilomoe.config import MoEConfig, ModelConfig, Variant
-from hilomoe.model.ctr import FeatureSchema, projection_specs
+from hilomoe.model.ctr import projection_specs
+from hilomoe.schema import FeatureSchema
 from hilomoe.model import fused
 from hilomoe.model.routing import RoutingMode
 

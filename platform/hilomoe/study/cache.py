@@ -106,6 +106,7 @@ class Stage1Cache(KeyedStore):
             "dataset": dataset_fingerprint(dataset),
             "seed": cfg.seed,
             "embedding_dim": cfg.model.embedding_dim,
+            "embedding": cfg.model.embedding.model_dump(mode="json"),
             "backbone": cfg.model.backbone.model_dump(mode="json"),
             "stage": cfg.stages.base.model_dump(mode="json"),
             "shuffle_buffer": cfg.ray.shuffle_buffer,
@@ -142,7 +143,7 @@ class TrialCache(KeyedStore):
         d = self.path(key)
         if not (d / self.SUMMARY).is_file():
             return None
-        return (torch.load(d / self.STATE, weights_only=False),
+        return (torch.load(d / self.STATE, weights_only=True),
                 json.loads((d / self.SUMMARY).read_text()))
 
     def put(self, key: str, state: dict, summary: dict) -> None:

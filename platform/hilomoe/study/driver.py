@@ -324,16 +324,17 @@ def _conclude(run: StudyRun, tracker, wall_s: float) -> dict:
 
 
 def _log_best_model(run: StudyRun, tracker, best: dict) -> None:
+    """The best trial's final weights as a plain-torch model: the tables in one nn.Embedding
+    (the checkpoint layout is the same for every backend), so loading it needs no FBGEMM."""
     from hilomoe.data.dataset import open_dataset
     from hilomoe.engine.local import build_model
-    from hilomoe.train.worker import STATE_FILE
+    from hilomoe.session import read_state
 
-    import torch
-
-    path = Path(best["checkpoint"]) / STATE_FILE
-    if not path.is_file():
+    state, _ = read_state(best["checkpoint"])
+    if state is None:
         return
     cfg = run.context().config_from(best["params"])
+    cfg = cfg.with_overrides(**{"model.embedding.backend": "torch"})
     model = build_model(cfg, open_dataset(run.dataset).schema)
-    model.load_state_dict(torch.load(path, weights_only=False)["model"])
+    model.load_state_dict(state["model"])
     tracker.log_model(best["trial_id"], model)

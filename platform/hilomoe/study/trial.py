@@ -19,21 +19,21 @@ import functools
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from hilomoe.config import StageName, TrainConfig
 from hilomoe.data.dataset import open_dataset
-from hilomoe.engine.local import Data, build_model, parquet_sources, summarize
-from hilomoe.engine.loop import Engine, EpochRecord, run_stages
+from hilomoe.engine.local import Data, parquet_sources
+from hilomoe.engine.parallel import Parallel
 from hilomoe.errors import HilomoeError, out_of_memory
 from hilomoe.model.flops import model_cost
+from hilomoe.session import Session
 from hilomoe.study.cache import Stage1Cache, Stage1Entry, TrialCache
 from hilomoe.study.space import SearchSpace
 from hilomoe.study.spec import StudySpec
-from hilomoe.train.worker import (STATE_FILE, SUMMARY_FILE, autocast_dtype, checkpoint_dir,
-                                  epoch_metrics, final_metrics, read_checkpoint)
+from hilomoe.train.worker import RayReporter
 
 
 TRIAL_CPU = 0.01  # what a trial holds while its TorchTrainer's workers hold the rest (0 is refused)
@@ -93,61 +93,28 @@ def _run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
 
     torch.set_num_threads(ctx.threads)
     dataset = open_dataset(ctx.dataset)
-    sources = parquet_sources(dataset, cfg)
+    data = Data(dataset.schema, parquet_sources(dataset, cfg), dataset.meta.extra.get("bayes"))
     # Tune gives a trial that asked for a GPU its own (CUDA_VISIBLE_DEVICES)
     device = torch.device("cuda" if ctx.study.budget.gpus_per_trial > 0
                           and torch.cuda.is_available() else "cpu")
-    engine = Engine(build_model(cfg, dataset.schema), cfg.stages, device,
-                    autocast=autocast_dtype(cfg, device), keep_stage_models=True)
-    plan = [s.value for s in engine.plan()]
-    fixed = {**trial_cost(cfg, dataset.schema), "stage1_reused": False, "stage1_seconds": 0.0,
+    facts = {**trial_cost(cfg, dataset.schema), "stage1_reused": False, "stage1_seconds": 0.0,
              "trial_reused": False}
-    state, _ = read_checkpoint(tune.get_checkpoint())
-    if state is not None:  # a restored trial: the engine skips what it finished
-        engine.load_state_dict(state)
-        fixed.update(state.get("trial", {}))
-    # training seconds before a restore (from the restored history), plus this process's
-    start, before = time.perf_counter(), sum(r.seconds for r in engine.history)
-
-    def report(metrics: dict, files: dict | None = None) -> None:
-        with checkpoint_dir(files or {}) as d:
-            tune.report({**metrics, **fixed},
-                        checkpoint=tune.Checkpoint.from_directory(d) if d else None)
-
-    def state_files() -> dict:
-        return {STATE_FILE: {**engine.state_dict(), "trial": fixed}}
-
-    def on_epoch(record: EpochRecord, reused: bool = False) -> None:
-        m = epoch_metrics(record, 1, plan.index(record.stage),
-                          before + time.perf_counter() - start)
-        # a cached epoch carries no checkpoint: the next trained epoch's holds it
-        report({**m, "reused": reused}, None if reused else state_files())
-
+    session = Session(cfg, data, RayReporter(tune), device, Parallel(device=device), facts)
     trials = TrialCache(Path(ctx.cache_dir) / "trials") if ctx.cache_dir else None
     key = trials.key(cfg, ctx.dataset) if trials else None
-    cached = trials.get(key) if trials and state is None else None
+    cached = trials.get(key) if trials and not session.restored else None
     if cached is not None:  # this configuration was trained before: replay its result
-        state, summary = cached
-        fixed.update(trial_reused=True)
-        engine.load_state_dict(state)
-        for record in engine.history:
-            on_epoch(record, reused=True)
-        report({**final_metrics(summary), "train_seconds": 0.0,
-                "trial_saved_s": summary["seconds"]},
-               {**state_files(), SUMMARY_FILE: summary})
+        session.facts.update(trial_reused=True)
+        session.replay(*cached)
         return
-    if state is None and ctx.cache_dir and plan[0] == StageName.BASE.value:
-        fixed.update(_stage1(engine, cfg, ctx, sources, on_epoch))
-    result = run_stages(engine, sources["train"], sources["valid"], sources["test"], on_epoch)
-    data = Data(dataset.schema, {}, dataset.meta.extra.get("bayes"))
-    summary = summarize(result, cfg, data, before + time.perf_counter() - start)
+    if not session.restored and ctx.cache_dir and session.plan[0] == StageName.BASE.value:
+        session.facts.update(_stage1(session, cfg, ctx))
+    summary = session.run()
     if trials:
-        trials.put(key, {**engine.state_dict(), "trial": fixed}, summary)
-    report(final_metrics(summary), {**state_files(), SUMMARY_FILE: summary})
+        trials.put(key, {**session.engine.state_dict(), "facts": session.facts}, summary)
 
 
-def _stage1(engine: Engine, cfg: TrainConfig, ctx: TrialContext, sources: dict,
-            on_epoch: Callable[..., None]) -> dict:
+def _stage1(session: Session, cfg: TrainConfig, ctx: TrialContext) -> dict:
     """Adopt the cached stage 1 of this trial's base, or train it and store it for the others.
     Returns the trial's stage-1 facts: whether it reused one, and what that saved."""
     cache = Stage1Cache(Path(ctx.cache_dir) / "stage1")
@@ -156,15 +123,12 @@ def _stage1(engine: Engine, cfg: TrainConfig, ctx: TrialContext, sources: dict,
         entry = cache.get(key)
         if entry is None:
             t0 = time.perf_counter()
-            for record in engine.fit_stage(StageName.BASE, sources["train"], sources["valid"]):
-                on_epoch(record)
-            entry = Stage1Entry(engine.model.base_state(), list(engine.history),
+            session.fit_stage(StageName.BASE)
+            entry = Stage1Entry(session.engine.model.base_state(), list(session.engine.history),
                                 time.perf_counter() - t0)
             cache.put(key, entry)
             return {"stage1_reused": False, "stage1_seconds": entry.seconds, "stage1_key": key}
-    engine.adopt_stage(StageName.BASE, entry.weights, entry.history)
-    for record in entry.history:
-        on_epoch(record, reused=True)
+    session.adopt_stage(StageName.BASE, entry.weights, entry.history)
     return {"stage1_reused": True, "stage1_seconds": entry.seconds, "stage1_key": key}
 
 
@@ -172,35 +136,19 @@ def _run_distributed(cfg: TrainConfig, ctx: TrialContext) -> None:
     """Several workers: the worker loop of `hilomoe train` on a TorchTrainer inside the trial.
     The trainer's run lives in the trial's directory, so a restored trial resumes it."""
     from ray import tune
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from hilomoe.train.driver import ray_datasets
+    from hilomoe.train.driver import make_trainer
     from hilomoe.train.resources import plan_workers
-    from hilomoe.train.worker import WorkerJob, train_loop
+    from hilomoe.train.worker import WorkerJob
 
     # the workers and Ray Data share the trial's CPU budget, less what the trial itself holds
     budget = ctx.study.budget
     plan = plan_workers(cfg.ray, {"CPU": budget.cpus_per_trial - TRIAL_CPU,
                                   "GPU": budget.gpus_per_trial})
-    trial = tune.get_context()
+    trials = str(Path(ctx.study_dir) / "trials")
     job = WorkerJob(config=cfg.model_dump(mode="json"), dataset=ctx.dataset,
-                    plan=plan.as_dict(), run_dir=str(Path(ctx.study_dir) / "trials"))
-    trainer = TorchTrainer(
-        train_loop, train_loop_config=job.as_dict(),
-        scaling_config=ScalingConfig(num_workers=plan.workers, use_gpu=cfg.ray.gpu,
-                                     resources_per_worker=plan.resources()),
-        run_config=RunConfig(
-            name=f"train-{trial.get_trial_id()}",
-            storage_path=str(Path(ctx.study_dir) / "trials"),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.ray.keep_checkpoints,
-                                               checkpoint_score_attribute="score",
-                                               checkpoint_score_order="max"),
-            failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
-            callbacks=[TuneReportCallback()],
-            worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": str(plan.torch_threads)}},
-        ),
-        **ray_datasets(cfg, open_dataset(ctx.dataset), plan),
-    )
-    trainer.fit()
+                    plan=plan.as_dict(), run_dir=trials)
+    make_trainer(cfg, job, open_dataset(ctx.dataset), plan,
+                 name=f"train-{tune.get_context().get_trial_id()}", storage=trials,
+                 callbacks=[TuneReportCallback()]).fit()

@@ -219,6 +219,34 @@ def ray_datasets(cfg: TrainConfig, dataset, plan: WorkerPlan) -> dict:
             "dataset_config": _shard_config(plan.workers)}
 
 
+def make_trainer(cfg: TrainConfig, job: WorkerJob, dataset, plan: WorkerPlan, name: str,
+                 storage: str, callbacks: list | None = None):
+    """The TorchTrainer of a run (`hilomoe train`, or a study trial with several workers):
+    `plan.workers` workers running `train_loop` on `job`, keeping the best checkpoints,
+    restarting after worker failures, reading Ray Data shards unless workers read the files."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    return TorchTrainer(
+        train_loop,
+        train_loop_config=job.as_dict(),
+        scaling_config=ScalingConfig(num_workers=plan.workers, use_gpu=cfg.ray.gpu,
+                                     resources_per_worker=plan.resources()),
+        run_config=RunConfig(
+            name=name, storage_path=storage,
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=cfg.ray.keep_checkpoints, checkpoint_score_attribute="score",
+                checkpoint_score_order="max"),
+            failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
+            callbacks=callbacks or [],
+            # Ray pins OMP_NUM_THREADS to a worker's whole CPUs (1 for a fractional CPU),
+            # which set_num_threads alone does not undo
+            worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": str(plan.torch_threads)}},
+        ),
+        **ray_datasets(cfg, dataset, plan),
+    )
+
+
 def _failure_message(err: Exception, run: TrainRun) -> str:
     failures = getattr(err, "worker_failures", None) or {}
     cause = next(iter(failures.values()), None) or err.__cause__ or err
@@ -238,8 +266,6 @@ def train_ray(run: TrainRun, on_event: Callable[[dict], None] | None = None) -> 
     dataset = open_dataset(run.dataset)
     started = connect_ray()  # first: it sets the environment Ray reads on import
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     progress = None
     try:
@@ -250,23 +276,7 @@ def train_ray(run: TrainRun, on_event: Callable[[dict], None] | None = None) -> 
         progress = _Progress(on_event)
         job = WorkerJob(config=run.config, dataset=run.dataset, plan=plan.as_dict(),
                         run_dir=run.out_dir, progress=progress.queue)
-        trainer = TorchTrainer(
-            train_loop,
-            train_loop_config=job.as_dict(),
-            scaling_config=ScalingConfig(num_workers=plan.workers, use_gpu=cfg.ray.gpu,
-                                         resources_per_worker=plan.resources()),
-            run_config=RunConfig(
-                name=run.name, storage_path=run.storage,
-                checkpoint_config=CheckpointConfig(
-                    num_to_keep=cfg.ray.keep_checkpoints, checkpoint_score_attribute="score",
-                    checkpoint_score_order="max"),
-                failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
-                # Ray pins OMP_NUM_THREADS to a worker's whole CPUs (1 for a fractional CPU),
-                # which set_num_threads alone does not undo
-                worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": str(plan.torch_threads)}},
-            ),
-            **ray_datasets(cfg, dataset, plan),
-        )
+        trainer = make_trainer(cfg, job, dataset, plan, name=run.name, storage=run.storage)
         try:
             result = trainer.fit()
         except ray.train.TrainingFailedError as err:

@@ -1,11 +1,16 @@
-"""Source formats: each turns its files into chunks of `Parsed` rows (strings per categorical
-field, floats per numeric field, a 0/1 label, and a time key where the format has one).
+"""Source formats: each cuts its files into chunks and turns a chunk into a `Block` of checked rows
+(codes per categorical field, floats per numeric field, a 0/1 label, and a time key where the
+format has one).
 
     criteo  label, I1-I13 integers, C1-C26 hex strings; tab-separated, no header; empty = missing
     avazu   CSV with header: id, click, hour (YYMMDDHH), C1, banner_pos, site_*, app_*,
             device_*, C14-C21; hour becomes hour-of-day and weekday fields, id is dropped
     movielens  MovieLens-1M ratings.dat joined with users.dat and movies.dat ("::", latin-1)
     table   any CSV / TSV / Parquet with a header, described by a YAML field spec
+
+`parse(chunk)` is a pure function of the chunk and the format's settings, so it runs the same in a
+thread, in a Ray task, in pass 1 and in pass 2. Rows failing a check are counted in the block's
+problems (in the order: structural, label, then the format's columns) and left out.
 """
 
 from __future__ import annotations
@@ -13,56 +18,102 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import yaml
 from pydantic import BaseModel, ConfigDict
 
 from hilomoe.config import parse_config
-from hilomoe.data.convert.text import ConvertError, Problems, Rows, parse_float, read_delimited
+from hilomoe.data.convert.chunks import (Chunk, Dialect, RawRows, mean_line_bytes, parquet_file,
+                                         plan_parquet, plan_text, read_parquet, read_text)
+from hilomoe.data.convert.columns import (Codes, check_label, codes_of, derived_codes, numbers,
+                                          per_value, typed_floats_exact)
+from hilomoe.data.convert.text import ChunkProblems, ConvertError
 
 
 @dataclass
-class Parsed:
-    cat: list[np.ndarray]  # per categorical field, (n,) strings; "" = missing
-    num: np.ndarray  # (n, F_n) float64; NaN = missing
+class Block:
+    """A chunk's checked rows (n of them) and what the chunk reports."""
+
+    cat: list[Codes]  # per categorical field
+    num: np.ndarray  # (n, F_n) float64, C order; NaN = missing
     label: np.ndarray  # (n,) float32, 0 or 1
-    time: np.ndarray | None = None  # (n,) int64 sort key for time-based splits
+    time: np.ndarray | None  # (n,) int64 sort key for time-based splits
+    positions: int  # lines (text) or rows (Parquet) the chunk spans
+    problems: ChunkProblems
+
+    def __len__(self) -> int:
+        return len(self.label)
 
 
-def parse_label(values: np.ndarray, rows: Rows, problems: Problems) -> tuple[np.ndarray, np.ndarray]:
-    ok = (values == "0") | (values == "1")
-    for i in np.flatnonzero(~ok):
-        problems.add(rows.where[i], f"label {values[i][:20]!r} is not 0 or 1")
-    return (values == "1").astype(np.float32), ok
+def _keep(ok: np.ndarray) -> np.ndarray | None:
+    return None if ok.all() else ok
 
 
-def _keep(parsed_parts: list[np.ndarray], ok: np.ndarray) -> list[np.ndarray]:
-    return [p[ok] for p in parsed_parts]
+@dataclass
+class Sizes:
+    """How to cut text files: `chunk_bytes`, or `chunk_rows` times the file's mean line length;
+    Parquet files: `chunk_rows` rows."""
+
+    chunk_bytes: int | None
+    chunk_rows: int
+
+    def text_bytes(self, path: Path, header: bool) -> int:
+        if self.chunk_bytes is not None:
+            return self.chunk_bytes
+        return max(1, int(self.chunk_rows * mean_line_bytes(path, header)))
+
+
+def check_header(path: Path, delimiter: str, expected: list[str]) -> list[str]:
+    with open(path, "rb") as f:
+        first = f.readline().decode("utf-8", errors="replace").rstrip("\r\n")
+    got = first.split(delimiter)
+    if expected and got != expected:
+        raise ConvertError(f"{path}: header {first[:80]!r} is not the expected "
+                           f"{delimiter.join(expected)[:80]!r}...")
+    return got
 
 
 # ----------------------------------------------------------------------------------------------
 # criteo
 
 
-def log_square_bucket(v: np.ndarray) -> np.ndarray:
-    """The usual Criteo integer transform: v > 2 -> floor(log(v)^2), else v; as strings."""
-    out = np.empty(len(v), dtype=object)
+def _log_square(v: np.ndarray) -> np.ndarray:
+    """v > 2 -> floor(log(v)^2), else v; as int64 (the old transform's arithmetic exactly)."""
+    with np.errstate(all="ignore"):  # log of v <= 2 is not used; inf -> int64 as before
+        return np.where(v > 2, np.floor(np.log(v) ** 2), v).astype(np.int64)
+
+
+def bucket_codes(v: np.ndarray) -> Codes:
+    """The usual Criteo integer transform as codes: v > 2 -> floor(log(v)^2), else v, each
+    bucket named by its decimal text; NaN (missing) -> "". `v` holds integers (or +-inf)."""
+    lo, hi = np.fmin.reduce(v, initial=np.inf), np.fmax.reduce(v, initial=-np.inf)  # NaN-blind
     missing = np.isnan(v)
-    big = ~missing & (v > 2)
-    small = ~missing & ~big
-    out[missing] = ""
-    out[big] = np.floor(np.log(v[big]) ** 2).astype(np.int64).astype(str)
-    out[small] = v[small].astype(np.int64).astype(str)
-    return out
+    if np.isfinite(lo) and np.isfinite(hi) and hi - lo < 1 << 16:
+        # a short range of integers (the usual case): transform each integer of the range
+        # once, make the buckets distinct, then one gather per row; slot hi - lo + 1: missing
+        uniq, code = np.unique(_log_square(np.arange(lo, hi + 1)), return_inverse=True)
+        code = np.append(code.astype(np.int32), len(uniq))
+        indices = code[(np.where(missing, hi + 1, v) - lo).astype(np.int64)]
+    else:
+        present = v[~missing]
+        uniq, inverse = np.unique(_log_square(present), return_inverse=True)
+        indices = np.full(len(v), len(uniq), dtype=np.int32)
+        indices[~missing] = inverse
+    values = pa.array([str(x) for x in uniq.tolist()] + [""], pa.string()).cast(pa.binary())
+    return Codes(indices, values)
 
 
 class Criteo:
     name = "criteo"
     has_time = False
+    # integers are read as float64 (what Python's float() reads them as); categories as bytes,
+    # as 8-byte ids where they all are
+    dialect = Dialect("\t", 40, tuple(range(40)),
+                      types=tuple((1 + j, pa.float64()) for j in range(13)),
+                      narrow=tuple((14 + f, pa.binary(8)) for f in range(26)))
 
     def __init__(self, int_mode: Literal["categorical", "numeric"] = "categorical"):
         self.int_mode = int_mode
@@ -73,26 +124,48 @@ class Criteo:
         self.transforms = ({f: "log1p, standardised" for f in ints} if int_mode == "numeric"
                            else {f: "floor(log(v)^2) if v > 2 else v" for f in ints})
 
-    def read(self, inputs: list[Path], problems: Problems) -> Iterator[Parsed]:
-        for path in inputs:
-            for rows in read_delimited(path, "\t", 40, problems):
-                cols = rows.columns
-                label, ok = parse_label(cols[0], rows, problems)
-                ints = []
-                for j in range(13):
-                    v, good = parse_float(cols[1 + j], rows, problems, f"I{j + 1}")
-                    bad = good & ~np.isnan(v) & (v != np.round(v))
-                    for i in np.flatnonzero(bad):
-                        problems.add(rows.where[i], f"I{j + 1} is not an integer: {cols[1 + j][i]!r}")
-                    ints.append(v)
-                    ok &= good & ~bad
-                cats = list(cols[14:40])
-                if self.int_mode == "categorical":
-                    cats = [log_square_bucket(v) for v in ints] + cats
-                    num = np.zeros((len(label), 0))
-                else:
-                    num = np.log1p(np.maximum(np.stack(ints, axis=1), 0.0))
-                yield Parsed(_keep(cats, ok), num[ok], label[ok])
+    def plan(self, paths: list[Path], sizes: Sizes) -> list[Chunk]:
+        chunks: list[Chunk] = []
+        for path in paths:
+            chunks += plan_text(path, sizes.text_bytes(path, False), False, len(chunks))
+        return chunks
+
+    def parse(self, chunk: Chunk) -> Block:
+        raw = read_text(chunk, self.dialect)
+        if raw.typed and not self._typed_exact(raw):
+            raw = read_text(chunk, self.dialect, typed=False)
+        label, ok = check_label(raw, 0)
+        ints = []
+        for j in range(13):
+            v, good = numbers(raw, 1 + j, f"I{j + 1}")
+            bad = good & ~np.isnan(v) & (v != np.round(v))
+            col = raw.columns[1 + j]
+            raw.problems.add_rows(
+                np.flatnonzero(bad),
+                lambda i, j=j, col=col: f"I{j + 1} is not an integer: {col[i].as_py().decode()!r}",
+                raw.locate)
+            ints.append(v)
+            ok &= good & ~bad
+        keep = _keep(ok)
+        cats = [codes_of(raw.columns[14 + f]).take(keep) for f in range(26)]
+        if self.int_mode == "categorical":
+            cats = [bucket_codes(v if keep is None else v[keep]) for v in ints] + cats
+            num = np.zeros((int(ok.sum()), 0))
+        else:
+            num = np.log1p(np.maximum(np.stack(ints, axis=1), 0.0))[ok]
+        return Block(cats, num, label[ok], None, raw.positions, raw.problems)
+
+    @staticmethod
+    def _typed_exact(raw: RawRows) -> bool:
+        """Typed integers need no text: none is NaN-like or fractional (those are reported
+        with their text, so the chunk is read again as text)."""
+        if not typed_floats_exact(raw):
+            return False
+        for col in raw.columns[1:14]:
+            v = col.to_numpy(zero_copy_only=False)
+            if not np.all(np.isnan(v) | (v == np.round(v))):
+                return False
+        return True
 
 
 # ----------------------------------------------------------------------------------------------
@@ -104,34 +177,6 @@ AVAZU_COLUMNS = ["id", "click", "hour", "C1", "banner_pos", "site_id", "site_dom
                  "C16", "C17", "C18", "C19", "C20", "C21"]
 
 
-class Avazu:
-    name = "avazu"
-    has_time = True
-    num_fields: list[str] = []
-
-    def __init__(self) -> None:
-        self.cat_fields = ["hour_of_day", "weekday"] + AVAZU_COLUMNS[3:]
-        self.transforms = {"hour_of_day": "HH of hour", "weekday": "weekday of YYMMDD"}
-
-    def read(self, inputs: list[Path], problems: Problems) -> Iterator[Parsed]:
-        for path in inputs:
-            check_header(path, ",", AVAZU_COLUMNS)
-            for rows in read_delimited(path, ",", len(AVAZU_COLUMNS), problems, header=True):
-                cols = rows.columns
-                label, ok = parse_label(cols[1], rows, problems)
-                hour = cols[2]
-                good = np.array([len(h) == 8 and h.isdigit() for h in hour])
-                for i in np.flatnonzero(~good):
-                    problems.add(rows.where[i], f"hour {hour[i][:20]!r} is not YYMMDDHH")
-                ok &= good
-                hour_of_day = np.array([h[6:8] for h in hour], dtype=object)
-                weekday = np.array([_weekday(h) if g else "" for h, g in zip(hour, good)],
-                                   dtype=object)
-                time = np.array([int(h) if g else 0 for h, g in zip(hour, good)], dtype=np.int64)
-                cats = [hour_of_day, weekday] + list(cols[3:])
-                yield Parsed(_keep(cats, ok), np.zeros((ok.sum(), 0)), label[ok], time[ok])
-
-
 def _weekday(h: str) -> str:
     try:
         return str(dt.date(2000 + int(h[:2]), int(h[2:4]), int(h[4:6])).weekday())
@@ -139,16 +184,49 @@ def _weekday(h: str) -> str:
         return ""
 
 
-def check_header(path: Path, delimiter: str, expected: list[str]) -> list[str]:
-    if not path.is_file():
-        raise ConvertError(f"{path}: no such input file.")
-    with open(path, "rb") as f:
-        first = f.readline().decode("utf-8", errors="replace").rstrip("\r\n")
-    got = first.split(delimiter)
-    if expected and got != expected:
-        raise ConvertError(f"{path}: header {first[:80]!r} is not the expected "
-                           f"{delimiter.join(expected)[:80]!r}...")
-    return got
+def _hour(h: str) -> tuple[bool, str, str, int]:
+    """(is YYMMDDHH, hour of day, weekday, time key) of an hour text."""
+    good = len(h) == 8 and h.isdigit()
+    return good, h[6:8], _weekday(h) if good else "", int(h) if good else 0
+
+
+class Avazu:
+    name = "avazu"
+    has_time = True
+    num_fields: list[str] = []
+    dialect = Dialect(",", len(AVAZU_COLUMNS), tuple(range(1, len(AVAZU_COLUMNS))))  # no id
+
+    def __init__(self) -> None:
+        self.cat_fields = ["hour_of_day", "weekday"] + AVAZU_COLUMNS[3:]
+        self.transforms = {"hour_of_day": "HH of hour", "weekday": "weekday of YYMMDD"}
+
+    def plan(self, paths: list[Path], sizes: Sizes) -> list[Chunk]:
+        chunks: list[Chunk] = []
+        for path in paths:
+            check_header(path, ",", AVAZU_COLUMNS)
+            chunks += plan_text(path, sizes.text_bytes(path, True), True, len(chunks))
+        return chunks
+
+    def parse(self, chunk: Chunk) -> Block:
+        raw = read_text(chunk, self.dialect)
+        label, ok = check_label(raw, 0)
+        hours, results = per_value(raw.columns[1], _hour)
+        good = np.array([r[0] for r in results], dtype=bool)[hours.indices]
+        raw.problems.add_rows(
+            np.flatnonzero(~good),
+            lambda i: f"hour {texts_at(hours, i)[:20]!r} is not YYMMDDHH", raw.locate)
+        ok &= good
+        keep = _keep(ok)
+        time = np.array([r[3] for r in results], dtype=np.int64)[hours.indices][ok]
+        cats = [derived_codes(hours.indices, [r[1] for r in results]).take(keep),
+                derived_codes(hours.indices, [r[2] for r in results]).take(keep)]
+        cats += [codes_of(raw.columns[k]).take(keep) for k in range(2, len(raw.columns))]
+        return Block(cats, np.zeros((int(ok.sum()), 0)), label[ok], time, raw.positions,
+                     raw.problems)
+
+
+def texts_at(codes: Codes, i: int) -> str:
+    return codes.values[int(codes.indices[i])].as_py().decode()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -183,6 +261,10 @@ class Table:
         self.num_fields = [c for c, k in kinds.items() if k == "numeric"]
         self.has_time = self.spec.time is not None
         self.transforms = {f: "standardised" for f in self.num_fields}
+        # what a chunk reads: the label, categorical, numeric and time columns, in that order
+        self.needed = list(dict.fromkeys([self.label, *self.cat_fields, *self.num_fields,
+                                          *([self.spec.time] if self.spec.time else [])]))
+        self.dialects: dict[str, Dialect] = {}  # per text file: its header's layout
 
     def _check_columns(self, path: Path, header: list[str]) -> None:
         unknown = [c for c in self.spec.columns if c not in header]
@@ -192,61 +274,66 @@ class Table:
         if self.spec.time and self.spec.time not in header:
             raise ConvertError(f"{self.spec_path}: time: {self.spec.time!r} not in {path}.")
 
-    def read(self, inputs: list[Path], problems: Problems) -> Iterator[Parsed]:
-        for path in inputs:
+    def plan(self, paths: list[Path], sizes: Sizes) -> list[Chunk]:
+        chunks: list[Chunk] = []
+        # numbers pyarrow may read itself (a column also read as text is not one of them)
+        numeric = ((set(self.num_fields) | ({self.spec.time} if self.spec.time else set()))
+                   - set(self.cat_fields) - {self.label})
+        for path in paths:
             if path.suffix == ".parquet":
-                yield from self._read_parquet(path, problems)
+                self._check_columns(path, parquet_file(path).schema_arrow.names)
+                chunks += plan_parquet(path, sizes.chunk_rows, len(chunks))
                 continue
             delim = self.spec.delimiter or ("\t" if path.suffix in (".tsv", ".txt") else ",")
             header = check_header(path, delim, [])
             self._check_columns(path, header)
-            pos = {c: header.index(c) for c in header}
-            for rows in read_delimited(path, delim, len(header), problems, header=True):
-                yield self._parse(lambda c: rows.columns[pos[c]], rows, problems)
+            fields = tuple(header.index(c) for c in self.needed)
+            self.dialects[str(path)] = Dialect(delim, len(header), fields, types=tuple(
+                (header.index(c), pa.float64()) for c in self.needed if c in numeric))
+            chunks += plan_text(path, sizes.text_bytes(path, True), True, len(chunks))
+        return chunks
 
-    def _read_parquet(self, path: Path, problems: Problems) -> Iterator[Parsed]:
-        try:
-            pf = pq.ParquetFile(path)
-        except (pa.ArrowInvalid, OSError) as err:
-            raise ConvertError(f"{path}: not a readable Parquet file ({err}).") from None
-        self._check_columns(path, pf.schema_arrow.names)
-        offset = 0
-        for rb in pf.iter_batches(batch_size=100_000):
-            n = rb.num_rows
-            cols = {c: np.array(["" if v is None else str(v) for v in rb.column(c).to_pylist()],
-                                dtype=object) for c in self.spec.columns}
-            rows = Rows(list(cols.values()), [f"{path}:row {offset + i}" for i in range(n)])
-            offset += n
-            yield self._parse(cols.__getitem__, rows, problems)
-
-    def _parse(self, col, rows: Rows, problems: Problems) -> Parsed:
-        label_text = col(self.label)
-        label_text = np.where(label_text == "1.0", "1", np.where(label_text == "0.0", "0",
-                                                                  label_text))
-        label, ok = parse_label(label_text.astype(object), rows, problems)
+    def parse(self, chunk: Chunk) -> Block:
+        if chunk.kind == "parquet":
+            raw = read_parquet(chunk, self.needed)
+        else:
+            dialect = self.dialects[chunk.path]
+            raw = read_text(chunk, dialect)
+            if raw.typed and not typed_floats_exact(raw):
+                raw = read_text(chunk, dialect, typed=False)
+        at = {c: k for k, c in enumerate(self.needed)}
+        label, ok = check_label(raw, at[self.label], table_style=True)
         nums = []
         for c in self.num_fields:
-            v, good = parse_float(col(c), rows, problems, c)
+            v, good = numbers(raw, at[c], c)
             nums.append(v)
             ok &= good
         num = np.stack(nums, axis=1) if nums else np.zeros((len(label), 0))
         time = None
         if self.spec.time:
-            t, good = parse_float(col(self.spec.time), rows, problems, self.spec.time,
-                                  missing_ok=False)
+            t, good = numbers(raw, at[self.spec.time], self.spec.time, missing_ok=False)
             ok &= good
             time = np.nan_to_num(t).astype(np.int64)[ok]
-        return Parsed(_keep([col(c) for c in self.cat_fields], ok), num[ok], label[ok], time)
+        keep = _keep(ok)
+        cats = [codes_of(raw.columns[at[c]]).take(keep) for c in self.cat_fields]
+        return Block(cats, num[ok], label[ok], time, raw.positions, raw.problems)
 
 
 # ----------------------------------------------------------------------------------------------
 # movielens
 
 
+def _year(title: str) -> str:
+    """'Toy Story (1995)' -> '1995'."""
+    title = title.rstrip()
+    return title[-5:-1] if len(title) > 6 and title.endswith(")") and title[-5:-1].isdigit() else ""
+
+
 class MovieLens:
     """MovieLens-1M: ratings.dat joined with users.dat and movies.dat (`::`-separated; titles
     in latin-1). label = rating >= threshold; with drop_neutral, ratings of threshold - 1 are
-    left out (the common "drop 3" protocol). Time key: the rating's timestamp."""
+    left out (the common "drop 3" protocol). Time key: the rating's timestamp. users.dat and
+    movies.dat are read once, in the driver (`plan`); their problems come first."""
 
     name = "movielens"
     has_time = True
@@ -254,9 +341,14 @@ class MovieLens:
     cat_fields = ["user_id", "movie_id", "gender", "age", "occupation", "zip", "genre",
                   "genres", "year"]
     transforms = {"genre": "first of the pipe-separated genres", "year": "from the title"}
+    ratings = Dialect("::", 4, (0, 1, 2, 3), "latin-1", types=((2, pa.float64()),
+                                                                (3, pa.float64())))
 
     def __init__(self, threshold: int = 4, drop_neutral: bool = False):
         self.threshold, self.drop_neutral = threshold, drop_neutral
+        self.users: dict[str, list[str]] = {}
+        self.movies: dict[str, list[str]] = {}
+        self.side_problems: list[tuple[str, ChunkProblems]] = []  # (path, problems) in order
 
     def _files(self, inputs: list[Path]) -> dict[str, Path]:
         files = {p.name.split(".")[0]: p for p in inputs}
@@ -266,40 +358,40 @@ class MovieLens:
                                f"missing {', '.join(m + '.dat' for m in missing)}.")
         return files
 
-    def _table(self, path: Path, width: int, problems: Problems) -> dict[str, list[str]]:
-        out = {}
-        for rows in read_delimited(path, "::", width, problems, encoding="latin-1"):
-            for parts in zip(*rows.columns):
-                out[parts[0]] = list(parts[1:])
-        return out
+    def _table(self, path: Path, width: int) -> dict[str, list[str]]:
+        chunk = Chunk(0, str(path), "text", 0, path.stat().st_size, first_line=1)
+        raw = read_text(chunk, Dialect("::", width, tuple(range(width)), "latin-1"))
+        self.side_problems.append((str(path), raw.problems))
+        rows = zip(*(c.cast(pa.string()).to_pylist() for c in raw.columns))
+        return {parts[0]: list(parts[1:]) for parts in rows}
 
-    def read(self, inputs: list[Path], problems: Problems) -> Iterator[Parsed]:
-        files = self._files(inputs)
-        users = self._table(files["users"], 5, problems)
-        movies = self._table(files["movies"], 3, problems)
-        for rows in read_delimited(files["ratings"], "::", 4, problems, encoding="latin-1"):
-            user, movie, rating_text, ts = rows.columns
-            rating, ok = parse_float(rating_text, rows, problems, "Rating", missing_ok=False)
-            t, good = parse_float(ts, rows, problems, "Timestamp", missing_ok=False)
-            ok &= good
-            if self.drop_neutral:
-                ok &= rating != self.threshold - 1
-            u = [users.get(x, ["", "", "", ""]) for x in user]
-            m = [movies.get(x, ["", ""]) for x in movie]
-            genres = np.array([g for _, g in m], dtype=object)
-            cats = [user, movie,
-                    *(np.array([row[i] for row in u], dtype=object) for i in range(4)),
-                    np.array([g.split("|")[0] for g in genres], dtype=object), genres,
-                    np.array([_year(title) for title, _ in m], dtype=object)]
-            label = (rating >= self.threshold).astype(np.float32)
-            yield Parsed(_keep(cats, ok), np.zeros((ok.sum(), 0)), label[ok],
-                         np.nan_to_num(t).astype(np.int64)[ok])
+    def plan(self, paths: list[Path], sizes: Sizes) -> list[Chunk]:
+        files = self._files(paths)
+        self.side_problems = []
+        self.users = self._table(files["users"], 5)
+        self.movies = self._table(files["movies"], 3)
+        return plan_text(files["ratings"], sizes.text_bytes(files["ratings"], False), False, 0)
 
-
-def _year(title: str) -> str:
-    """'Toy Story (1995)' -> '1995'."""
-    title = title.rstrip()
-    return title[-5:-1] if len(title) > 6 and title.endswith(")") and title[-5:-1].isdigit() else ""
+    def parse(self, chunk: Chunk) -> Block:
+        raw = read_text(chunk, self.ratings)
+        if raw.typed and not typed_floats_exact(raw):
+            raw = read_text(chunk, self.ratings, typed=False)
+        rating, ok = numbers(raw, 2, "Rating", missing_ok=False)
+        t, good = numbers(raw, 3, "Timestamp", missing_ok=False)
+        ok &= good
+        if self.drop_neutral:
+            ok &= rating != self.threshold - 1
+        keep = _keep(ok)
+        user, users = per_value(raw.columns[0], lambda u: self.users.get(u, ["", "", "", ""]))
+        movie, movies = per_value(raw.columns[1], lambda m: self.movies.get(m, ["", ""]))
+        cats = [user, movie, *(derived_codes(user.indices, [u[i] for u in users])
+                               for i in range(4)),
+                derived_codes(movie.indices, [g.split("|")[0] for _, g in movies]),
+                derived_codes(movie.indices, [g for _, g in movies]),
+                derived_codes(movie.indices, [_year(title) for title, _ in movies])]
+        label = (rating >= self.threshold).astype(np.float32)
+        return Block([c.take(keep) for c in cats], np.zeros((int(ok.sum()), 0)), label[ok],
+                     np.nan_to_num(t).astype(np.int64)[ok], raw.positions, raw.problems)
 
 
 def make_format(name: str, spec: Path | None = None, criteo_ints: str = "categorical",

@@ -1,21 +1,31 @@
-"""Streaming reader for delimited text files, with malformed rows counted, not fatal.
+"""Malformed rows, and text split into rows the way the converter has always split it.
 
-Lines are read in chunks of bytes (bounded memory, whatever the file size), decoded with the
-format's encoding, and split on its delimiter. A line with the wrong field count or bytes that
-do not decode is recorded in the `Problems` report (file, line, reason) and skipped; under
-`strict` the first one raises instead. Value-level problems (text in a numeric field, a label
-other than 0/1) are reported by the format's parser through the same object.
+A converter reads its input in chunks (chunks.py); a chunk's problems are found where the chunk is
+parsed (maybe in another process), the whole conversion's `Problems` report is kept in the driver:
+
+    ChunkProblems   per chunk: how many, and the first few as (position in the chunk, reason), in
+                    the order the checks found them: structural problems (a wrong field count,
+                    undecodable bytes) by line, then the format's value checks column by column
+    Problems        per conversion: the count and the first few as "file:line: reason"; under
+                    `strict` the first one raises instead
+
+The reference semantics of a line are Python's (`python_split`): lines end at "\\n", trailing
+"\\r"s are dropped, a blank line is skipped, a line that does not decode is a problem, the rest is
+split on the delimiter (no quoting) and must have the expected field count. The pyarrow reader in
+chunks.py reproduces exactly this on the inputs it can handle and hands the others to
+`python_split`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Iterator
+from typing import Callable
 
 import numpy as np
 
 from hilomoe.errors import HilomoeError
+
+EXAMPLES = 5  # malformed rows named in the report (and kept per chunk to find them)
 
 
 class ConvertError(HilomoeError):
@@ -27,7 +37,7 @@ class Problems:
     """Malformed rows: counted, the first few kept with their location."""
 
     strict: bool = False
-    keep: int = 5
+    keep: int = EXAMPLES
     count: int = 0
     examples: list[str] = field(default_factory=list)
 
@@ -38,69 +48,88 @@ class Problems:
         if len(self.examples) < self.keep:
             self.examples.append(f"{where}: {reason}")
 
+    def add_chunk(self, count: int, located: list[tuple[str, str]]) -> None:
+        """A chunk's `count` problems, of which `located` are the first few (where, reason)."""
+        for where, reason in located:
+            self.add(where, reason)
+        self.count += count - len(located)
+
 
 @dataclass
-class Rows:
-    """A chunk of parsed rows: one array of strings per column, and each row's location."""
+class ChunkProblems:
+    """One chunk's malformed rows: the count, and the first EXAMPLES as (position, reason) with
+    the position a line index from the chunk's first line (text) or a row index (Parquet)."""
 
-    columns: list[np.ndarray]  # each (n,) of str
-    where: list[str]  # "file:line" of each row, for value-level problems
+    count: int = 0
+    examples: list[tuple[int, str]] = field(default_factory=list)
 
+    def add_at(self, position: int, reason: str) -> None:
+        self.count += 1
+        if len(self.examples) < EXAMPLES:
+            self.examples.append((position, reason))
 
-def read_delimited(path: Path, delimiter: str, num_fields: int, problems: Problems,
-                   encoding: str = "utf-8", header: bool = False,
-                   chunk_rows: int = 100_000) -> Iterator[Rows]:
-    """Yield chunks of rows with exactly `num_fields` fields."""
-    if not path.is_file():
-        raise ConvertError(f"{path}: no such input file.")
-    buf: list[list[str]] = []
-    where: list[str] = []
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            if header and lineno == 1:
-                continue
-            raw = raw.rstrip(b"\r\n")
-            if not raw:
-                continue
-            try:
-                line = raw.decode(encoding)
-            except UnicodeDecodeError as err:
-                problems.add(f"{path}:{lineno}", f"bytes that are not {encoding} ({err.reason})")
-                continue
-            parts = line.split(delimiter) if len(delimiter) > 0 else [line]
-            if len(parts) != num_fields:
-                problems.add(f"{path}:{lineno}",
-                             f"{len(parts)} fields where {num_fields} are expected")
-                continue
-            buf.append(parts)
-            where.append(f"{path}:{lineno}")
-            if len(buf) >= chunk_rows:
-                yield _chunk(buf, where)
-                buf, where = [], []
-    if buf:
-        yield _chunk(buf, where)
+    def add_rows(self, rows: np.ndarray, reason: Callable[[int], str],
+                 locate: Callable[[np.ndarray], np.ndarray]) -> None:
+        """Problems at parsed-row indices `rows` (ascending); `reason(row)` words one, `locate`
+        turns row indices into positions. Only the first few are worded and located."""
+        room = EXAMPLES - len(self.examples)
+        if room > 0 and len(rows):
+            first = rows[:room]
+            self.examples += [(int(p), reason(int(r))) for r, p in zip(first, locate(first))]
+        self.count += len(rows)
 
 
-def _chunk(buf: list[list[str]], where: list[str]) -> Rows:
-    columns = [np.array(col, dtype=object) for col in zip(*buf)]
-    return Rows(columns, where)
+@dataclass
+class SplitLines:
+    """Rows split by `python_split`: the kept rows' fields, where they are, and the problems."""
+
+    rows: list[list[str]]
+    row_lines: list[int]  # line index (from the start of the text) of each kept row
+    problems: list[tuple[int, str]]  # (line index, reason), in line order
 
 
-def parse_float(values: np.ndarray, rows: Rows, problems: Problems, column: str,
-                missing_ok: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Strings -> float64 with NaN for empty; returns (values, ok) where ok marks rows whose
-    text parsed (a non-number is reported and its row dropped by the caller)."""
-    out = np.full(len(values), np.nan)
-    ok = np.ones(len(values), dtype=bool)
-    for i, v in enumerate(values):
-        if v == "":
-            if not missing_ok:
-                ok[i] = False
-                problems.add(rows.where[i], f"empty {column}")
+def python_split(data: bytes, delimiter: str, num_fields: int, encoding: str) -> SplitLines:
+    """Split text into rows of exactly `num_fields` fields, line by line in Python: the
+    reference semantics, and the path for text pyarrow cannot split the same way."""
+    rows, row_lines, problems = [], [], []
+    for i, raw in enumerate(data.split(b"\n")):
+        raw = raw.rstrip(b"\r\n")
+        if not raw:
             continue
         try:
-            out[i] = float(v)
-        except ValueError:
-            ok[i] = False
-            problems.add(rows.where[i], f"{column} is not a number: {v[:20]!r}")
-    return out, ok
+            line = raw.decode(encoding)
+        except UnicodeDecodeError as err:
+            problems.append((i, f"bytes that are not {encoding} ({err.reason})"))
+            continue
+        parts = line.split(delimiter)
+        if len(parts) != num_fields:
+            problems.append((i, f"{len(parts)} fields where {num_fields} are expected"))
+            continue
+        rows.append(parts)
+        row_lines.append(i)
+    return SplitLines(rows, row_lines, problems)
+
+
+@dataclass
+class LineTable:
+    """Where the rows of a text are, found with numpy (for text whose lines end in "\\n" only,
+    with one-byte delimiters): line i is blank, a row, or has the wrong field count."""
+
+    row_lines: np.ndarray  # (rows,) int64: line index of each row, in order
+    bad_lines: np.ndarray  # (k,) int64: non-blank lines with the wrong field count
+    bad_fields: np.ndarray  # (k,) int64: their field counts
+
+
+def line_table(data: bytes, delimiter: bytes, num_fields: int) -> LineTable:
+    buf = np.frombuffer(data, dtype=np.uint8)
+    newlines = np.flatnonzero(buf == 10)
+    starts = np.concatenate([[0], newlines + 1])
+    ends = np.concatenate([newlines, [len(buf)]])
+    if starts[-1] == len(buf):  # text ending in "\n": no line after it
+        starts, ends = starts[:-1], ends[:-1]
+    delims = np.flatnonzero(buf == delimiter[0])
+    fields = np.searchsorted(delims, ends) - np.searchsorted(delims, starts) + 1
+    nonblank = ends > starts
+    good = nonblank & (fields == num_fields)
+    bad = nonblank & ~good
+    return LineTable(np.flatnonzero(good), np.flatnonzero(bad), fields[bad])
