@@ -19,7 +19,6 @@ the tables it holds now, whatever the number of ranks that wrote them.
 from __future__ import annotations
 
 import json
-import resource
 import time
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -30,6 +29,7 @@ from hilomoe.config import StageName, TrainConfig
 from hilomoe.engine.local import Data, build_model, load_data
 from hilomoe.engine.loop import Engine, EpochRecord, run_stages
 from hilomoe.engine.parallel import Parallel
+from hilomoe.memory import peak_rss_mb
 from hilomoe.model.flops import model_cost
 
 STATE_FILE = "state.pt"
@@ -248,7 +248,7 @@ class Session:
         state = self.engine.state_dict()["table_optimizer"] or {}
         tensors += _tensors(state)
         return {"rank": self.parallel.rank,
-                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "peak_rss_mb": peak_rss_mb(),
                 "embedding_bytes": sum(t.numel() * t.element_size() for t in tensors)}
 
     def _final(self, metrics: dict, summary: dict) -> None:

@@ -13,9 +13,9 @@ values per categorical field), then times:
     convert      `python -m hilomoe data convert --format criteo ... --json` in a subprocess:
                  rows/s over the conversion's own time (both passes and writing, as the command
                  reports it; `process_seconds` adds interpreter start-up), and the subprocess's
-                 peak resident memory (its rusage from wait4: that process alone, so with --ray
-                 the driver's, not the Ray workers'; the driver's includes the object-store
-                 pages it has mapped)
+                 peak resident memory as it reports it (`hilomoe.memory.peak_rss_mb`: that
+                 process alone, so with --ray the driver's, not the Ray workers'; the driver's
+                 includes the object-store pages it has mapped)
 """
 
 from __future__ import annotations
@@ -45,8 +45,8 @@ def _pyarrow_ceiling(path: Path) -> float:
     return seconds
 
 
-def _convert(src: Path, out: Path, logs: Path, ray: bool) -> tuple[dict, float, float]:
-    """(the command's JSON result, peak RSS in MB, wall seconds) of a conversion subprocess."""
+def _convert(src: Path, out: Path, logs: Path, ray: bool) -> tuple[dict, float]:
+    """(the command's JSON result, wall seconds) of a conversion subprocess."""
     cmd = [sys.executable, "-m", "hilomoe", "data", "convert", "--format", "criteo", "--input",
            str(src), "--out", str(out), "--json"] + (["--ray"] if ray else [])
     env = dict(os.environ)
@@ -56,13 +56,12 @@ def _convert(src: Path, out: Path, logs: Path, ray: bool) -> tuple[dict, float, 
     with open(logs / "stdout", "wb") as stdout, open(logs / "stderr", "wb") as stderr:
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=stdout, stderr=stderr, env=env)
-        _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage
+        proc.wait()
         wall = time.perf_counter() - t0
-        proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         tail = (logs / "stderr").read_text(errors="replace")[-2000:]
         raise HilomoeError(f"the benchmarked conversion failed (exit {proc.returncode}): {tail}")
-    return json.loads((logs / "stdout").read_text()), usage.ru_maxrss / 1024, wall
+    return json.loads((logs / "stdout").read_text()), wall
 
 
 def run(rows: int, ids_per_field: int, ray: bool = False, workdir=None) -> dict:
@@ -70,17 +69,14 @@ def run(rows: int, ids_per_field: int, ray: bool = False, workdir=None) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="hilomoe-bench-convert-", dir=workdir))
     try:
         src = write_criteo_tsv(tmp / "criteo.tsv", rows, ids_per_field, seed=0)
-        # the conversion first: a spawned child's ru_maxrss starts from its parent's resident
-        # size at the spawn (Linux keeps the pre-exec high-water mark), and reading the whole
-        # file with pyarrow leaves this process large
-        result, peak_mb, wall = _convert(src, tmp / "dataset", tmp, ray)
+        result, wall = _convert(src, tmp / "dataset", tmp, ray)
         ceiling = _pyarrow_ceiling(src)
         seconds = result["seconds"]
         return {"rows": rows, "ids_per_field": ids_per_field, "ray": ray,
                 "input_mb": src.stat().st_size / 2**20, "chunks": result["chunks"],
                 "convert_rows_per_s": rows / seconds, "convert_seconds": seconds,
                 "pass1_seconds": result["pass1_seconds"], "pass2_seconds": result["pass2_seconds"],
-                "convert_peak_rss_mb": peak_mb, "process_seconds": wall,
+                "convert_peak_rss_mb": result["peak_rss_mb"], "process_seconds": wall,
                 "pyarrow_csv_rows_per_s": rows / ceiling, "pyarrow_csv_seconds": ceiling}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

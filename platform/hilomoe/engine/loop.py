@@ -179,19 +179,32 @@ class Engine:
         """True when `name` was started (e.g. restored from a checkpoint) and is not finished."""
         return self.setup is not None and self.setup.name == name and name not in self.completed
 
+    def _changing_state(self) -> dict:
+        """A copy of the state entries the current stage trains: a frozen part (the tables in
+        stage 2, at real vocabularies most of the model) cannot differ from where the stage
+        began, so it is neither copied nor checkpointed again."""
+        frozen = {n for n, p in self.model.named_parameters() if not p.requires_grad}
+        state = self.model.state_dict()
+        return {k: v.clone() for k, v in state.items() if k not in frozen and not (
+            k.startswith("embedding.tables.") and not self.model.embedding.trainable)}
+
     def end_epoch(self, valid_auc: float, epoch: int) -> bool:
         """Early-stopping bookkeeping; keeps a copy of the best weights. True if improved."""
         improved = self.stopper.update(valid_auc, epoch)
         if improved:
-            self.best_state = copy.deepcopy(self.model.state_dict())
+            self.best_state = self._changing_state()
         return improved
 
     def finish_stage(self) -> None:
-        """Restore the stage's best weights: the next stage starts from them."""
+        """Restore the stage's best weights: the next stage starts from them. With
+        `keep_stage_models`, the first stage keeps its whole state and each later one what it
+        changed (`stage_weights` layers them back into whole states)."""
         if self.best_state is not None:
-            self.model.load_state_dict(self.best_state)
+            self.model.load_state_dict(self.best_state, strict=False)  # the trained entries
         if self.keep_stage_models:
-            self.stage_models[self.setup.name.value] = copy.deepcopy(self.model.state_dict())
+            self.stage_models[self.setup.name.value] = (
+                self._changing_state() if self.stage_models
+                else copy.deepcopy(self.model.state_dict()))
         self.completed.append(self.setup.name)
 
     def adopt_stage(self, name: StageName, weights: dict, history: list[EpochRecord]) -> None:
@@ -339,6 +352,16 @@ class Engine:
             self.stopper = EarlyStopping(**state["stopper"])
             self.best_state = state["best_state"]
             self.next_epoch = state.get("next_epoch", 0)
+
+
+def stage_weights(stage_models: dict[str, dict]) -> dict[str, dict]:
+    """Each finished stage's whole best weights, from `Engine.stage_models` (the first stage's
+    whole state, then what each later stage changed), in stage order."""
+    out, whole = {}, {}
+    for name, changed in stage_models.items():
+        whole = {**whole, **changed}
+        out[name] = whole
+    return out
 
 
 def run_stages(engine: Engine, train: BatchSource, valid: BatchSource, test: BatchSource,

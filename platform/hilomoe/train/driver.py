@@ -24,6 +24,7 @@ from hilomoe.config import TrainConfig, parse_config
 from hilomoe.data.dataset import open_dataset
 from hilomoe.errors import HilomoeError, out_of_memory
 from hilomoe.train.resources import WorkerPlan, plan_workers
+from hilomoe.engine.loop import stage_weights
 from hilomoe.train.worker import WorkerJob, read_checkpoint, train_loop
 
 RUN_FILE = "run.json"
@@ -299,7 +300,7 @@ def _collect(run: TrainRun, result, plan: WorkerPlan) -> dict:
     state, summary = read_checkpoint(result.checkpoint)
     torch.save(state["model"], out / "model.pt")
     (out / "models").mkdir(exist_ok=True)
-    for stage, weights in state["stage_models"].items():
+    for stage, weights in stage_weights(state["stage_models"]).items():
         torch.save(weights, out / "models" / f"{stage}.pt")
     summary.update(out_dir=run.out_dir, workers=plan.workers, plan=plan.as_dict(),
                    checkpoint=result.checkpoint.path, storage=run.storage, run_name=run.name)

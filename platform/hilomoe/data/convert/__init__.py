@@ -58,6 +58,7 @@ from hilomoe.data.convert.pipeline import (Pass1Job, Pass2Job, Splitter, ThreadC
                                            summarize)
 from hilomoe.data.convert.text import ConvertError, Problems
 from hilomoe.data.convert.vocab import Encoder, FieldCounts, KeyCounts
+from hilomoe.memory import peak_rss_mb
 from hilomoe.data.dataset import SPLITS, DatasetMeta, DatasetWriter, FieldInfo
 
 __all__ = ["ConvertError", "ConvertOptions", "convert", "in_ray_job"]
@@ -143,7 +144,7 @@ def convert(fmt_name: str, inputs: list[str | Path], out: str | Path,
     return {**meta.model_dump(mode="json"), "rows_skipped": problems.count,
             "skipped_examples": problems.examples, "seconds": time.perf_counter() - t0,
             "pass1_seconds": t2 - t1, "pass2_seconds": t3 - t2, "chunks": len(chunks),
-            "ray": use_ray}
+            "ray": use_ray, "peak_rss_mb": peak_rss_mb()}
 
 
 @dataclass
