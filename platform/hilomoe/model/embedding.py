@@ -80,10 +80,11 @@ class FeatureEmbedding(nn.Module):
 
     def forward(self, cat: Tensor, num: Tensor) -> Tensor:
         with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
-            parts = [self.lookup(cat)]  # (B, F_c * e)
-        if self.schema.numeric:
-            parts.append((num.unsqueeze(-1) * self.numeric).flatten(1))  # (B, F_n * e)
-        return torch.cat(parts, dim=1)
+            tables = self.lookup(cat)  # (B, F_c * e)
+        # (B, F_n * e); with no numeric field an empty product, still in the graph, so that DDP
+        # sees a gradient for every parameter it was given
+        numeric = (num.unsqueeze(-1) * self.numeric).flatten(1)
+        return torch.cat([tables, numeric], dim=1)
 
     def lookup(self, cat: Tensor) -> Tensor:
         """cat: (B, F_c) -> (B, F_c * e), field by field."""
