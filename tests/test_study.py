@@ -18,6 +18,8 @@ import yaml
 
 from helpers import hilomoe, kill_tree, one_json
 from mlflow_server import free_port, start_mlflow_server, stop_mlflow_server
+from hilomoe.study.space import SearchSpace
+from hilomoe.study.spec import load_study
 
 TINY = {
     "name": "tiny",
@@ -109,10 +111,14 @@ def test_a_study_runs_trials_shares_stage_1_tracks_mlflow_and_reports(workdir):
             "mlflow_experiment"} <= summary.keys()
     trials = summary["trials"]
     assert len(trials) == 4 and summary["counts"]["completed"] == 4
-    # every trial has the same base: exactly one trains stage 1; the others adopt it, or replay
-    # an earlier trial of the same configuration
-    assert summary["stage1_reused"] == sum(t["stage1_reused"] for t in trials)
-    assert summary["stage1_reused"] + summary["trials_reused"] == 3
+    # a dense trial draws no MoE setting, and no two trials train the same model
+    for t in trials:
+        assert ("model.moe.experts" in t["params"]) == (t["params"]["model.moe.variant"] != "dense")
+    space = SearchSpace(load_study(study))
+    assert len({space.key(t["params"]) for t in trials}) == 4
+    # every trial has the same base: exactly one trains stage 1; the others adopt it
+    assert summary["stage1_reused"] == sum(t["stage1_reused"] for t in trials) == 3
+    assert summary["trials_reused"] == 0
     assert summary["stage1_saved_s"] > 0
     best = max(trials, key=lambda t: t["valid_auc"])
     assert summary["best"]["trial_id"] == best["trial_id"]
@@ -171,8 +177,10 @@ def test_a_study_runs_trials_shares_stage_1_tracks_mlflow_and_reports(workdir):
 
 @pytest.mark.slow
 def test_a_killed_study_driver_resumes_without_rerunning_finished_trials(workdir):
-    study = write_study(workdir / "tiny.yaml", **{"budget.trials": 6, "budget.concurrency": 1,
-                                                  "train.data.synth.rows": 20000})
+    # 6 distinct points of 10 (dense twice, hilomoe and flat four times each)
+    study = write_study(workdir / "tiny.yaml", space={"stages.base.lr": {"choice": [0.005, 0.01]}},
+                        **{"budget.trials": 6, "budget.concurrency": 1,
+                           "train.data.synth.rows": 20000})
     out = workdir / "runs" / "tiny"
     proc = subprocess.Popen([sys.executable, "-m", "hilomoe", "study", "run", str(study),
                              "--no-cache"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,

@@ -33,22 +33,132 @@ def study(space: dict, **extra) -> dict:
 # -- search space ---------------------------------------------------------------------------
 
 
-def test_tune_domains_sample_inside_the_declared_bounds():
+def draw(space: SearchSpace, n: int, seed: int = 0) -> list[dict]:
+    """`n` points drawn through Optuna's define-by-run interface, as Tune's OptunaSearch does."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
+    points = []
+    for _ in range(n):
+        trial = study.ask()
+        points.append(space.sample(trial))
+        study.tell(trial, 0.5)
+    return points
+
+
+def test_draws_land_inside_the_declared_bounds():
     spec = parse_study(study({
         "model.moe.experts": {"choice": [2, 4]},
         "model.moe.levels": {"int": [1, 3]},
         "stages.joint.lr": {"float": [1e-4, 1e-2], "log": True},
         "model.moe.rank": {"int": [2, 8], "step": 2},
+        "stages.experts.lr": {"float": [1e-4, 1e-2], "log": True, "step": 1e-4},
     }))
-    domains = SearchSpace(spec).tune_domains()
-    for _ in range(200):
-        p = {k: d.sample() for k, d in domains.items()}
+    points = draw(SearchSpace(spec), 200)
+    for p in points:
         assert p["model.moe.experts"] in (2, 4)
         assert 1 <= p["model.moe.levels"] <= 3  # the high bound is inclusive
         assert 1e-4 <= p["stages.joint.lr"] <= 1e-2
         assert p["model.moe.rank"] in (2, 4, 6, 8)
-    seen = {domains["model.moe.levels"].sample() for _ in range(300)}
-    assert seen == {1, 2, 3}
+        steps = p["stages.experts.lr"] / 1e-4  # log scale and a step: rounded to the step
+        assert 1e-4 <= p["stages.experts.lr"] <= 1e-2 and abs(steps - round(steps)) < 1e-6
+    assert {p["model.moe.levels"] for p in points} == {1, 2, 3}
+
+
+QUICK_SPACE = {"model.moe.experts": {"choice": [4, 8, 16]},
+               "model.moe.levels": {"int": [1, 3]},
+               "model.moe.variant": {"choice": ["dense", "hilomoe"]},
+               "model.backbone.mlp": {"choice": [[16], [32]]},
+               "stages.joint.lr": {"choice": [1e-3, 3e-3]}}
+
+
+def test_a_dense_point_never_draws_a_moe_or_later_stage_setting():
+    space = SearchSpace(parse_study(study(QUICK_SPACE)))
+    assert space.keys[:2] == ["model.moe.variant", "model.moe.levels"]  # the gates first
+    points = draw(space, 100)
+    dense = [p for p in points if p["model.moe.variant"] == "dense"]
+    moe = [p for p in points if p["model.moe.variant"] == "hilomoe"]
+    assert len(dense) > 20 and len(moe) > 20
+    for p in dense:  # only the backbone: the experts and joint stages never run
+        assert set(p) == {"model.moe.variant", "model.backbone.mlp"}
+    for p in moe:
+        assert set(p) == set(QUICK_SPACE)
+
+
+def test_levels_zero_switches_the_other_moe_settings_off():
+    space = SearchSpace(parse_study(study({"model.moe.levels": {"choice": [0, 2]},
+                                           "model.moe.experts": {"choice": [2, 4]}})))
+    for p in draw(space, 40):
+        assert ("model.moe.experts" in p) == (p["model.moe.levels"] == 2)
+
+
+def test_points_that_train_the_same_model_are_one_point():
+    space = SearchSpace(parse_study(study(QUICK_SPACE)))
+    points = space.points()
+    # dense: 2 widths; hilomoe: 3 K x 3 L x 2 widths x 2 joint lr
+    assert len(points) == 2 + 3 * 3 * 2 * 2
+    assert len({space.key(p) for p in points}) == len(points)
+    a = {"model.moe.variant": "dense", "model.backbone.mlp": 0}  # a choice of lists: its index
+    assert space.key({**a, "model.moe.experts": 4}) == space.key({**a, "model.moe.experts": 16})
+    h = {"model.moe.variant": "hilomoe", "model.moe.levels": 2, "model.backbone.mlp": 0}
+    assert space.key({**h, "model.moe.experts": 4}) != space.key({**h, "model.moe.experts": 16})
+    # a continuous range: no count
+    assert SearchSpace(parse_study(study({"stages.joint.lr": {"float": [1e-3, 1e-2]}}))
+                       ).points() is None
+
+
+def test_the_searcher_hands_out_each_distinct_point_once_then_finishes():
+    """The Tune searcher over a small space, driven as Tune drives it: TPE proposes repeats,
+    the searcher tells Optuna the first trial's outcome for them and draws again."""
+    from ray.tune.search import Searcher
+
+    from hilomoe.study.search import make_searcher, trials_to_run
+
+    spec = parse_study(study({"model.moe.variant": {"choice": ["dense", "hilomoe", "flat"]},
+                              "model.moe.experts": {"choice": [2, 4]}},
+                             budget={"trials": 12}))
+    space = SearchSpace(spec)
+    assert trials_to_run(spec, space) == 5  # dense once, hilomoe and flat twice each
+    searcher = make_searcher(spec, space)
+    keys, ids = set(), []
+    for i in range(12):
+        params = searcher.suggest(f"t{i}")
+        if params == Searcher.FINISHED:
+            break
+        assert space.key(params) not in keys
+        keys.add(space.key(params))
+        ids.append(f"t{i}")
+        searcher.on_trial_complete(f"t{i}", {"valid_auc": 0.5 + 0.01 * i})
+    assert len(ids) == 5
+    from optuna.trial import TrialState
+
+    told = searcher._ot_study.get_trials(deepcopy=False)
+    assert all(t.state == TrialState.COMPLETE for t in told)  # repeats learned the outcome
+    assert len(told) >= 5
+
+
+def test_a_repeat_of_a_running_trial_learns_its_outcome_when_it_ends():
+    import optuna
+
+    from hilomoe.study.search import MAX_DRAWS, DistinctSearch
+
+    spec = parse_study(study({"model.moe.variant": {"choice": ["dense"]},
+                              "seed": {"choice": [0, 1]}}))
+    # no count of the distinct points (as for a continuous space): the searcher finds the space
+    # spent by drawing only repeats
+    searcher = DistinctSearch(SearchSpace(spec), None, metric="valid_auc", mode="max",
+                              sampler=optuna.samplers.RandomSampler(seed=0))
+    a = searcher.suggest("a")
+    b = searcher.suggest("b")  # both running: the two seeds, whatever the sampler repeated
+    assert {a["seed"], b["seed"]} == {0, 1}
+    assert searcher.suggest("c") == "FINISHED"
+    waiting = [t for ts in searcher._twins.values() for t in ts]
+    assert len(waiting) >= MAX_DRAWS
+    searcher.on_trial_complete("a", {"valid_auc": 0.7})
+    searcher.on_trial_complete("b", {"valid_auc": 0.6})
+    values = {t.number: t.value for t in searcher._ot_study.get_trials(deepcopy=False)}
+    assert all(values[t.number] in (0.7, 0.6) for t in waiting)
 
 
 def test_a_choice_of_mappings_is_sampled_by_index_and_merged_into_its_setting():
@@ -57,7 +167,8 @@ def test_a_choice_of_mappings_is_sampled_by_index_and_merged_into_its_setting():
     spec = parse_study(study({"stages": {"choice": recipes}, "seed": {"choice": [0, 1]}},
                              sampler="grid"))
     space = SearchSpace(spec)
-    assert space.grid() == {"stages": [0, 1], "seed": [0, 1]} and spec.grid_size() == 4
+    assert space.grid() == {"stages": [0, 1], "seed": [0, 1]}
+    assert len(space.points()) == 4
     joint_only = spec.train.with_overrides(**space.overrides({"stages": 1, "seed": 1}))
     assert not joint_only.stages.base.enabled and not joint_only.stages.experts.enabled
     assert joint_only.stages.joint.epochs == 7

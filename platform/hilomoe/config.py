@@ -95,6 +95,13 @@ class MoEConfig(Strict):
         return self.variant is not Variant.DENSE and self.levels > 0
 
 
+# what a variant's projection never reads (model/layers.py: make_projection), at the default
+UNREAD_MOE_SETTINGS: dict[Variant, dict[str, Any]] = {
+    Variant.SEQUENTIAL: {"router_projection": "identity"},
+    Variant.DENSE_EXPERTS: {"rank": 1, "router_projection": "identity"},
+}
+
+
 class BackboneConfig(Strict):
     mlp: tuple[int, ...] = Field((128, 64), description="MLP widths, one per layer")
     cross_layers: int = Field(2, ge=0, le=16, description="DCNv2 cross layers")
@@ -276,6 +283,25 @@ class TrainConfig(Strict):
             raise ValueError(f"ray.fail_at.rank ({fault.rank}) must be below ray.workers "
                              f"({self.ray.workers})")
         return self
+
+    def effective(self) -> TrainConfig:
+        """The same training with every setting it never reads at its default, so that two
+        configurations that train the same model compare equal (a study's distinct points,
+        the trial cache's key). A model without experts (variant dense, or levels 0) runs only
+        the base stage: it keeps no MoE setting and no recipe for the experts and joint
+        stages. A variant keeps no setting its projection ignores (`make_projection`), and a
+        disabled stage keeps no recipe."""
+        moe, stages = self.model.moe, self.stages.model_dump()
+        if not moe.has_experts:
+            moe = MoEConfig(variant=Variant.DENSE)
+            stages["experts"] = stages["joint"] = {"enabled": False}
+        else:
+            moe = moe.model_copy(update=UNREAD_MOE_SETTINGS.get(moe.variant, {}))
+        for name, stage in stages.items():
+            if not stage["enabled"]:
+                stages[name] = {**STAGE_DEFAULTS[name], "enabled": False}
+        model = self.model.model_copy(update={"moe": moe})
+        return self.model_copy(update={"model": model, "stages": StagesConfig(**stages)})
 
     def with_overrides(self, **changes: Any) -> TrainConfig:
         """A copy with dotted-path overrides applied and validated again, e.g.

@@ -35,6 +35,7 @@ import torch
 from hilomoe.config import TrainConfig
 from hilomoe.data.dataset import META_FILE, open_dataset
 from hilomoe.engine.loop import EpochRecord
+from hilomoe.study.space import config_key
 
 WEIGHTS, RECORDS = "base.pt", "entry.json"
 
@@ -133,11 +134,7 @@ class TrialCache(KeyedStore):
 
     @staticmethod
     def key(cfg: TrainConfig, dataset: str | Path) -> str:
-        raw = cfg.model_dump(mode="json")
-        raw.pop("ray")  # how it ran, not what it computed (the shuffle buffer aside)
-        raw["data"].pop("path")
-        return _hash({"dataset": dataset_fingerprint(dataset), "config": raw,
-                      "shuffle_buffer": cfg.ray.shuffle_buffer})
+        return _hash({"dataset": dataset_fingerprint(dataset), "config": config_key(cfg)})
 
     def get(self, key: str) -> tuple[dict, dict] | None:
         d = self.path(key)

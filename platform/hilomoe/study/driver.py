@@ -101,10 +101,8 @@ def _open_run(spec: StudySpec, study_dir: Path, resume: bool, cache: bool) -> St
 def _tuner(run: StudyRun, callback, resume: bool):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-    from ray.tune.search.optuna import OptunaSearch
-    import optuna
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    from hilomoe.study.search import make_searcher, trials_to_run
 
     spec = run.study
     budget = spec.budget
@@ -116,12 +114,7 @@ def _tuner(run: StudyRun, callback, resume: bool):
     if resume and tune.Tuner.can_restore(str(tune_dir)):
         return tune.Tuner.restore(str(tune_dir), trainable=trainable, resume_unfinished=True,
                                   resume_errored=True)
-    metrics = [o.metric for o in spec.objectives]
-    modes = [o.mode for o in spec.objectives]
     space = SearchSpace(spec)
-    sampler = _sampler(spec, space)
-    searcher = OptunaSearch(metric=metrics if spec.multi_objective else metrics[0],
-                            mode=modes if spec.multi_objective else modes[0], sampler=sampler)
     joint_epochs = spec.train.stages.joint.epochs
     scheduler = (ASHAScheduler(time_attr="joint_epoch", metric="valid_auc", mode="max",
                                max_t=joint_epochs + 1,  # the final report must not be cut
@@ -130,10 +123,8 @@ def _tuner(run: StudyRun, callback, resume: bool):
                  if spec.scheduler.type == "asha" and spec.space else FIFOScheduler())
     return tune.Tuner(
         trainable,
-        param_space=space.tune_domains(),
-        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
-                                    num_samples=(min(budget.trials, spec.grid_size())
-                                                 if spec.sampler == "grid" else budget.trials),
+        tune_config=tune.TuneConfig(search_alg=make_searcher(spec, space), scheduler=scheduler,
+                                    num_samples=trials_to_run(spec, space),
                                     max_concurrent_trials=budget.concurrency,
                                     time_budget_s=budget.time_limit_s,
                                     reuse_actors=True,  # no new process per trial
@@ -144,18 +135,6 @@ def _tuner(run: StudyRun, callback, resume: bool):
             failure_config=tune.FailureConfig(max_failures=spec.train.ray.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2)),
     )
-
-
-def _sampler(spec: StudySpec, space: SearchSpace):
-    import optuna
-
-    if spec.sampler == "grid":
-        return optuna.samplers.GridSampler(space.grid(), seed=spec.seed)
-    if spec.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=spec.seed)
-    # TPE for one objective; with two, Optuna's TPE is its multi-objective sampler (MOTPE)
-    return optuna.samplers.TPESampler(seed=spec.seed,
-                                      n_startup_trials=min(10, max(2, spec.budget.trials // 3)))
 
 
 def _check_fits(spec: StudySpec, cluster: dict, fixed: bool,

@@ -38,7 +38,8 @@ class Domain(Strict):
     ints: tuple[int, int] | None = Field(None, alias="int")
     floats: tuple[float, float] | None = Field(None, alias="float")
     log: bool = False
-    step: int | None = Field(None, ge=1)
+    step: float | None = Field(None, gt=0, description="draw multiples of step from low "
+                               "(an integer for an int range)")
 
     @model_validator(mode="after")
     def _one(self) -> Domain:
@@ -52,6 +53,9 @@ class Domain(Strict):
             lo, hi = bounds
             if lo > hi:
                 raise ValueError(f"the range's low bound ({lo}) is above its high bound ({hi})")
+            if self.ints is not None and self.step is not None:
+                if self.step != int(self.step):
+                    raise ValueError(f"an int range takes an integer step, got {self.step}")
             if self.log and lo <= 0:
                 raise ValueError(f"a log range needs a positive low bound, got {lo}")
         return self
@@ -106,12 +110,6 @@ class StudySpec(Strict):
                 raise ValueError(f"sampler grid needs choice domains; space.{ranges[0]} is a "
                                  f"range (list its values with choice)")
         return self
-
-    def grid_size(self) -> int:
-        size = 1
-        for d in self.space.values():
-            size *= len(d.corners())
-        return size
 
     @property
     def multi_objective(self) -> bool:
