@@ -176,6 +176,46 @@ def test_a_study_runs_trials_shares_stage_1_tracks_mlflow_and_reports(workdir):
 
 
 @pytest.mark.slow
+def test_repeats_train_the_baseline_and_the_front_again_and_give_the_interval(workdir):
+    """`repeats: 2`: after the search the best dense trial and the HiLoMoE front train again
+    with seed 1, each an MLflow child run; the headline's interval comes from those pairs."""
+    study = write_study(workdir / "tiny.yaml",
+                        space={"model.moe.variant": {"choice": ["dense", "hilomoe"]}},
+                        **{"budget.trials": 3, "repeats": 2})
+    summary = one_json(hilomoe("study", "run", str(study), "--json").stdout)
+    trials, repeats = summary["trials"], summary["repeats"]
+    assert len(trials) == 3 and not any("repeat_of" in t for t in trials)  # 3 distinct points
+    by_id = {t["trial_id"]: t for t in trials}
+    dense = [t for t in trials if t["variant"] == "dense"]
+    assert {r["repeat_of"] for r in repeats} >= {dense[0]["trial_id"]}
+    for r in repeats:
+        original = by_id[r["repeat_of"]]
+        assert r["seed"] == original["seed"] + 1 and r["status"] == "completed"
+        assert r["params"] == {**original["params"], "seed": r["seed"]}
+        assert r["flops"] == original["flops"]
+    h = summary["headline"]
+    assert h["seeds"] == 2 and h["metric"] == "test_auc"
+    ours, base = by_id[h["model_trial"]], by_id[h["baseline_trial"]]
+    again = {r["repeat_of"]: r for r in repeats}
+    diffs = [ours["test_auc"] - base["test_auc"],
+             again[ours["trial_id"]]["test_auc"] - again[base["trial_id"]]["test_auc"]]
+    assert h["auc_diff"] == pytest.approx(sum(diffs) / 2)
+    half = 12.7062047 * abs(diffs[0] - diffs[1]) / 2  # t(0.975, 1) * sd / sqrt(2)
+    assert h["auc_diff_ci"] == pytest.approx([h["auc_diff"] - half, h["auc_diff"] + half])
+    assert h["verdict"] in ("within noise", "hilomoe better", "dense better")
+    report = Path(summary["report"]).read_text()
+    assert "over 2 seeds" in report and h["verdict"] in report
+
+    c = client(summary["tracking_uri"])
+    exp = c.get_experiment_by_name(summary["mlflow_experiment"])
+    children = c.search_runs([exp.experiment_id],
+                             filter_string=f"tags.`mlflow.parentRunId` = "
+                                           f"'{summary['mlflow_run_id']}'")
+    assert len(children) == len(trials) + len(repeats)
+    assert {r.data.params["seed"] for r in children} == {"0", "1"}
+
+
+@pytest.mark.slow
 def test_a_killed_study_driver_resumes_without_rerunning_finished_trials(workdir):
     # 6 distinct points of 10 (dense twice, hilomoe and flat four times each)
     study = write_study(workdir / "tiny.yaml", space={"stages.base.lr": {"choice": [0.005, 0.01]}},

@@ -41,6 +41,9 @@ def test_a_complete_study_loads():
      "give exactly one of choice, int, float"),
     ({"budget": {"trials": 0}}, "budget.trials: Input should be greater than or equal to 1"),
     ({"objectives": []}, "objectives"),
+    ({"repeats": 0}, "repeats: Input should be greater than or equal to 1"),
+    ({"space": {"model.moe.levels": {"int": [1, 4], "step": 1.5}}},
+     "an int range takes an integer step, got 1.5"),
     ({"schedulr": {}}, "schedulr: unknown key"),
 ])
 def test_bad_studies_are_refused_naming_the_key(over, fragment):

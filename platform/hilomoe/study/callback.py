@@ -18,7 +18,7 @@ from ray.tune import Callback
 
 from hilomoe.study.driver import EVENTS_FILE, RUNS_FILE, StudyRun
 from hilomoe.study.records import save_record, trial_record, write_json
-from hilomoe.study.space import SearchSpace
+from hilomoe.study.space import REPEAT_OF, SearchSpace
 
 EPOCH_PREFIXES = ("train_", "valid_")
 EPOCH_KEYS = ("samples_per_s", "epoch_seconds", "elapsed_s")
@@ -132,7 +132,7 @@ class StudyCallback(Callback):
                       else results[-1].get("checkpoint_path"))
         record = trial_record(trial.trial_id, live["space"].overrides(trial.config),
                               live["ctx"].config(trial.config), live["schema"], results, status,
-                              checkpoint)
+                              checkpoint, repeat_of=trial.config.get(REPEAT_OF))
         if status == "failed" and trial.error_file:
             record["error"] = _last_line(trial.error_file)
         save_record(self.study_dir, record)

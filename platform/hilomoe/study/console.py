@@ -40,8 +40,9 @@ class TrialTable:
 
     def __call__(self, event: dict) -> None:
         kind, tid = event["kind"], event.get("trial_id")
-        if kind == "warning":
-            self.console.print(f"warning: {event['message']}", markup=False)
+        if kind in ("warning", "phase"):
+            prefix = "warning: " if kind == "warning" else ""
+            self.console.print(f"{prefix}{event['message']}", markup=False)
             return
         if kind == "trial_recover":
             self.console.print(f"trial {tid} lost its process or node; it continues from its "

@@ -29,12 +29,14 @@ from hilomoe.study.space import SearchSpace
 from hilomoe.study.spec import StudySpec, parse_study
 from hilomoe.study.records import best_record, load_records, write_json
 from hilomoe.study.trial import TRIAL_CPU, TrialContext, run_trial
+from hilomoe.study.verdict import MODEL, repeat_points, search_records
 
 RUNS_FILE = "mlflow_runs.json"  # trial id -> MLflow child run (kept by the study's callback)
 EVENTS_FILE = "events.jsonl"  # trial starts, epochs, ends, recoveries and warnings, timed
 
 STUDY_FILE = "study.json"
 TUNE_DIR = "tune"
+REPEATS_DIR = "tune_repeats"  # the Tuner of the repeats (study/verdict.py)
 RESULT_FILE = "result.json"
 
 
@@ -98,11 +100,12 @@ def _open_run(spec: StudySpec, study_dir: Path, resume: bool, cache: bool) -> St
 # the study
 
 
-def _tuner(run: StudyRun, callback, resume: bool):
+def _tuner(run: StudyRun, callback, resume: bool, repeats: list[dict] | None = None):
+    """The search's Tuner, or with `repeats` (points) the Tuner that trains them."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    from hilomoe.study.search import make_searcher, trials_to_run
+    from hilomoe.study.search import FixedPoints, make_searcher, trials_to_run
 
     spec = run.study
     budget = spec.budget
@@ -110,27 +113,31 @@ def _tuner(run: StudyRun, callback, resume: bool):
     resources = ({"cpu": budget.cpus_per_trial, "gpu": budget.gpus_per_trial}
                  if budget.workers_per_trial == 1 else {"cpu": TRIAL_CPU})  # workers hold the rest
     trainable = tune.with_resources(trainable, resources)
-    tune_dir = Path(run.study_dir) / TUNE_DIR
+    name = TUNE_DIR if repeats is None else REPEATS_DIR
+    tune_dir = Path(run.study_dir) / name
     if resume and tune.Tuner.can_restore(str(tune_dir)):
         return tune.Tuner.restore(str(tune_dir), trainable=trainable, resume_unfinished=True,
                                   resume_errored=True)
     space = SearchSpace(spec)
-    joint_epochs = spec.train.stages.joint.epochs
-    scheduler = (ASHAScheduler(time_attr="joint_epoch", metric="valid_auc", mode="max",
-                               max_t=joint_epochs + 1,  # the final report must not be cut
-                               grace_period=spec.scheduler.grace_epochs,
-                               reduction_factor=spec.scheduler.reduction_factor)
-                 if spec.scheduler.type == "asha" and spec.space else FIFOScheduler())
+    if repeats is not None:  # every repeat runs to the end
+        searcher, samples, scheduler = FixedPoints(repeats), len(repeats), FIFOScheduler()
+    else:
+        searcher, samples = make_searcher(spec, space), trials_to_run(spec, space)
+        scheduler = (ASHAScheduler(time_attr="joint_epoch", metric="valid_auc", mode="max",
+                                   max_t=spec.train.stages.joint.epochs + 1,  # keep the final report
+                                   grace_period=spec.scheduler.grace_epochs,
+                                   reduction_factor=spec.scheduler.reduction_factor)
+                     if spec.scheduler.type == "asha" and spec.space else FIFOScheduler())
     return tune.Tuner(
         trainable,
-        tune_config=tune.TuneConfig(search_alg=make_searcher(spec, space), scheduler=scheduler,
-                                    num_samples=trials_to_run(spec, space),
+        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
+                                    num_samples=samples,
                                     max_concurrent_trials=budget.concurrency,
                                     time_budget_s=budget.time_limit_s,
                                     reuse_actors=True,  # no new process per trial
                                     trial_dirname_creator=_trial_dirname),
         run_config=tune.RunConfig(
-            name=TUNE_DIR, storage_path=str(Path(run.study_dir).resolve()),
+            name=name, storage_path=str(Path(run.study_dir).resolve()),
             callbacks=[callback], verbose=0,
             failure_config=tune.FailureConfig(max_failures=spec.train.ray.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2)),
@@ -234,9 +241,15 @@ def _drive(run: StudyRun, resume: bool, console: Callable[[dict], None] | None,
     try:
         _check_fits(spec, ray.cluster_resources(), fixed=started, warn=warn)
         attach(run.study_dir, tracker, console)
-        tuner = _tuner(run, StudyCallback(run.study_dir), resume)
         try:
-            tuner.fit()
+            _tuner(run, StudyCallback(run.study_dir), resume).fit()
+            repeats = repeat_points(load_records(run.study_dir), spec.repeats,
+                                    spec.budget.repeated_points)
+            if repeats or (resume and (Path(run.study_dir) / REPEATS_DIR).is_dir()):
+                if console:
+                    console({"kind": "phase", "message": f"repeating the baseline and the "
+                             f"{MODEL} frontier with {spec.repeats} seeds: {len(repeats)} trials"})
+                _tuner(run, StudyCallback(run.study_dir), resume, repeats).fit()
         except KeyboardInterrupt:
             raise HilomoeError(f"interrupted; continue the study with `hilomoe study run "
                                f"STUDY.yaml --out {run.study_dir} --resume`") from None
@@ -254,11 +267,12 @@ def _conclude(run: StudyRun, tracker, wall_s: float) -> dict:
 
     spec = run.study
     study_dir = Path(run.study_dir)
-    records = load_records(study_dir)
+    everything = load_records(study_dir)
+    records = search_records(everything)  # the repeats only feed the headline
     # a trial a killed driver had started after Tune's last snapshot is gone for good (Tune
     # sampled another in its place): its MLflow run ends as KILLED, not RUNNING forever
-    tracker.close_orphans({r["trial_id"] for r in records})
-    report = write_report(records, study_dir / "report", title=spec.name,
+    tracker.close_orphans({r["trial_id"] for r in everything})
+    report = write_report(everything, study_dir / "report", title=spec.name,
                           meta={"description": spec.description} if spec.description else None)
     best = best_record(spec, records)
     if best is not None and best.get("checkpoint"):
@@ -272,14 +286,16 @@ def _conclude(run: StudyRun, tracker, wall_s: float) -> dict:
             "metrics": {k: best.get(k) for k in ("valid_auc", "valid_logloss", "test_auc",
                                                   "test_logloss", "flops", "params_active",
                                                   "params_total")}},
+        "headline": report.headline,
         "pareto": report.pareto,
         "trials": records,
+        "repeats": [r for r in everything if r not in records],
         "counts": counts,
         "stage1_reused": len(reused),
         "stage1_saved_s": sum(r["stage1_seconds"] for r in reused),
         "trials_reused": sum(r.get("trial_reused", False) for r in records),
         "trials_saved_s": sum(r.get("trial_saved_s", 0.0) for r in records),
-        "train_s": sum(r["train_seconds"] or 0.0 for r in records),
+        "train_s": sum(r["train_seconds"] or 0.0 for r in everything),
         "wall_s": wall_s,
         "study_dir": str(study_dir),
         "report": str(report.markdown),

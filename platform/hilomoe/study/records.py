@@ -1,6 +1,7 @@
 """Trial records: one JSON document per finished trial, what reports and `--json` read.
 
-    {"trial_id", "status": completed | pruned | failed, "params": {dotted key: value},
+    {"trial_id", "status": completed | pruned | failed, "params": {dotted key: value}, "seed",
+     "repeat_of",                                                    # repeats only
      "variant", "levels", "experts", "rank", "top_k",
      "valid_auc", "valid_logloss", "test_auc", "test_logloss",      # test: completed only
      "flops", "params_total", "params_active", "params_embedding",   # per sample, analytic
@@ -27,7 +28,7 @@ TRIALS_DIR = "trials"
 
 
 def trial_record(trial_id: str, params: dict, cfg, schema, results: list[dict], status: str,
-                 checkpoint: str | None) -> dict:
+                 checkpoint: str | None, repeat_of: str | None = None) -> dict:
     """A record from a trial's reported results; `status` "done" becomes completed (it reached
     its final report) or pruned (a scheduler stopped it)."""
     last = results[-1] if results else {}
@@ -36,7 +37,8 @@ def trial_record(trial_id: str, params: dict, cfg, schema, results: list[dict], 
         status = "completed" if final else "pruned"
     moe = cfg.model.moe
     return {
-        "trial_id": trial_id, "status": status, "params": params,
+        "trial_id": trial_id, "status": status, "params": params, "seed": cfg.seed,
+        **({"repeat_of": repeat_of} if repeat_of else {}),
         "variant": moe.variant.value if moe.has_experts else "dense",
         "levels": moe.levels if moe.has_experts else 0, "experts": moe.experts,
         "rank": moe.rank, "top_k": moe.top_k,

@@ -26,6 +26,7 @@ import numpy as np
 from hilomoe.study.pareto import (PAPER_CLAIM, Roi, best, fronts_by_variant, number, pareto_front,
                                   roi, si, usable)
 from hilomoe.study.scaling import AxisFit, fit_axes
+from hilomoe.study.verdict import Headline, headline as verdict, search_records
 
 BASELINE, MODEL = "dense", "hilomoe"
 STATUSES = ("completed", "pruned", "failed")
@@ -49,10 +50,12 @@ class Report:
     roi: dict = field(default_factory=dict)            # Roi.as_dict(), or available=False+reason
     fits: dict = field(default_factory=dict)           # axis -> AxisFit.as_dict()
     counts: dict = field(default_factory=dict)         # status -> trials, plus stage-1 reuse
+    headline: dict = field(default_factory=dict)       # Headline.as_dict(), or available=False
 
     def as_dict(self) -> dict:
         return {"markdown": str(self.markdown), "plots": [str(p) for p in self.plots],
-                "pareto": self.pareto, "roi": self.roi, "fits": self.fits, "counts": self.counts}
+                "pareto": self.pareto, "roi": self.roi, "fits": self.fits, "counts": self.counts,
+                "headline": self.headline}
 
 
 def write_report(records: list[dict], out_dir: Path, title: str,
@@ -62,12 +65,14 @@ def write_report(records: list[dict], out_dir: Path, title: str,
     `meta` (optional) is shown as a key/value list under the title (dataset, date, ...).
     Returns the `Report`; `report.md` is always written, plots only when there is data.
     """
-    records = [r for r in (records or []) if isinstance(r, dict)]
+    everything = [r for r in (records or []) if isinstance(r, dict)]
+    records = search_records(everything)  # repeats feed the verdict only: no point twice
     points = usable(records)
     front = pareto_front(points)
     headline = roi(points, BASELINE, MODEL)
+    noise = verdict(everything)
     fits = fit_axes(points, MODEL) if points else {}
-    counts = trial_counts(records)
+    counts = {**trial_counts(records), "repeats": len(everything) - len(records)}
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -81,7 +86,7 @@ def write_report(records: list[dict], out_dir: Path, title: str,
                 if fit.law is not None:
                     plot_scaling(fit, stage / f"scaling_{axis}.png")
                     drawn.append(f"scaling_{axis}.png")
-        text = markdown(title, meta, records, front, headline, fits, counts, drawn)
+        text = markdown(title, meta, records, front, headline, fits, counts, drawn, noise)
         (stage / "report.md").write_text(text, encoding="utf-8")
         for name in [*drawn, "report.md"]:
             os.replace(stage / name, out_dir / name)
@@ -94,7 +99,9 @@ def write_report(records: list[dict], out_dir: Path, title: str,
                  "auc": float(r["valid_auc"]), "flops": float(r["flops"])} for r in front],
         roi=headline.as_dict() if isinstance(headline, Roi)
         else {"available": False, "reason": headline},
-        fits={axis: fit.as_dict() for axis, fit in fits.items()}, counts=counts)
+        fits={axis: fit.as_dict() for axis, fit in fits.items()}, counts=counts,
+        headline=noise.as_dict() if isinstance(noise, Headline)
+        else {"available": False, "reason": noise})
 
 
 def trial_counts(records: list[dict]) -> dict:
@@ -112,7 +119,7 @@ def trial_counts(records: list[dict]) -> dict:
 
 def markdown(title: str, meta: dict | None, records: list[dict], front: list[dict],
              headline: Roi | str, fits: dict[str, AxisFit], counts: dict,
-             plots: list[str]) -> str:
+             plots: list[str], noise: Headline | str = "") -> str:
     """The whole page; `plots` are the image file names drawn next to it."""
     lines = [f"# {title}", ""]
     for key, value in (meta or {}).items():
@@ -124,9 +131,14 @@ def markdown(title: str, meta: dict | None, records: list[dict], front: list[dic
         lines += ["Nothing to report: no completed trial has a finite validation AUC and FLOPs, "
                   "so there is no frontier, ROI or scaling law (and no plot).", ""]
     else:
-        lines += ["## Headline", "",
-                  headline.headline() if isinstance(headline, Roi)
-                  else f"{headline} For context, the paper reports {PAPER_CLAIM}.", ""]
+        lines += ["## Headline", ""]
+        if isinstance(noise, Headline):
+            lines += [noise.sentence(), ""]
+        roi_text = (headline.headline() if isinstance(headline, Roi)
+                    else f"{headline} For context, the paper reports {PAPER_CLAIM}.")
+        if isinstance(noise, Headline) and noise.auc_diff_ci is not None:
+            roi_text = f"From the search's single runs, on validation AUC: {roi_text}"
+        lines += [roi_text, ""]
         lines += _pareto_section(front, "pareto.png" in plots)
         lines += _variant_section(points)
         lines += _scaling_section(fits, plots)
@@ -193,6 +205,9 @@ def _counts_section(counts: dict) -> list[str]:
                   "left out of everything above.", ""]
     lines += [f"Stage-1 reuse: {counts['stage1_reused']} trial(s) reused a cached stage 1, "
               f"saving {counts['stage1_seconds_saved']:.1f} s of training.", ""]
+    if counts.get("repeats"):
+        lines += [f"Repeats: {counts['repeats']} more run(s) of the repeated points with other "
+                  f"seeds (the headline's interval; not in the tables above).", ""]
     return lines
 
 

@@ -3,6 +3,7 @@ Tune a point it has handed out before.
 
     searcher = make_searcher(spec, space)             # a Tune Searcher
     tune.TuneConfig(search_alg=searcher, num_samples=trials_to_run(spec, space))
+    tune.TuneConfig(search_alg=FixedPoints(points), num_samples=len(points))   # repeats
 
 Samplers (TPE above all, in a small discrete space) propose points again. A point that trains
 the same model as an earlier trial (`SearchSpace.key`) is not a new trial: Optuna is told the
@@ -14,6 +15,7 @@ point twice.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from ray.tune.search import Searcher
@@ -101,3 +103,26 @@ class DistinctSearch(OptunaSearch):
         else:  # pruned, failed, or a value Optuna refused (NaN): never drawn again either way
             self._ot_study.tell(twin, state=(TrialState.PRUNED if done.state == TrialState.PRUNED
                                              else TrialState.FAIL))
+
+
+class FixedPoints(Searcher):
+    """Hands Tune a fixed list of points, in order (a study's repeats). Its state is JSON."""
+
+    def __init__(self, points: list[dict]):
+        super().__init__()
+        self.todo = list(points)
+
+    def suggest(self, trial_id: str) -> dict | str:
+        return self.todo.pop(0) if self.todo else Searcher.FINISHED
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None,
+                          error: bool = False) -> None:
+        pass
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "w") as f:
+            json.dump(self.todo, f)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path) as f:
+            self.todo = json.load(f)

@@ -30,6 +30,8 @@ SCALARS = (bool, int, float, str, type(None))
 # settings that decide whether others apply, drawn before the rest (in this order)
 GATES = ("model.moe.variant", "model.moe.levels", "stages.base.enabled",
          "stages.experts.enabled", "stages.joint.enabled")
+# a repeat's point names the search trial it repeats under this key (`study/verdict.py`)
+REPEAT_OF = "repeat_of"
 # `points()` lists a discrete space up to this many points (and an int range up to this many
 # values); a larger or continuous space is drawn without a count
 MAX_POINTS = 100_000
@@ -77,13 +79,16 @@ class SearchSpace:
     # -- a point: Tune's flat dict of the drawn keys ------------------------------------------
 
     def overrides(self, params: dict[str, Any]) -> dict[str, Any]:
-        """A drawn point as dotted-path overrides of the study's training settings; a key the
-        point did not draw keeps the study's fixed setting."""
+        """A point as dotted-path overrides of the study's training settings. A space key the
+        point did not draw keeps the study's fixed setting; a key outside the space (a repeat's
+        `seed`) is a setting of its own; `REPEAT_OF` is not a setting."""
         out = {}
         for key in self.keys:
             if key in params:
                 domain, value = self.spec.space[key], params[key]
                 out[key] = domain.choice[int(value)] if _indexed(domain) else value
+        out.update((k, v) for k, v in params.items()
+                   if k not in self.spec.space and k != REPEAT_OF)
         return out
 
     def config(self, params: dict[str, Any]) -> TrainConfig:

@@ -7,6 +7,7 @@
       stages.joint.lr: {float: [1.0e-4, 1.0e-2], log: true}
     objectives: [{metric: valid_auc, mode: max}, {metric: flops, mode: min}]
     budget: {trials: 16, concurrency: 2, time_limit_s: 3600, workers_per_trial: 1}
+    repeats: 3                   # seeds behind the verdict (study/verdict.py)
     scheduler: {type: asha, grace_epochs: 1, reduction_factor: 3}
     sampler: tpe                 # or grid (every combination of choices), random
 
@@ -79,6 +80,8 @@ class Budget(Strict):
     workers_per_trial: int = Field(1, ge=1)
     cpus_per_trial: float = Field(1.0, gt=0)
     gpus_per_trial: float = Field(0.0, ge=0)
+    repeated_points: int = Field(4, ge=1, description="HiLoMoE frontier points repeated with "
+                                 "more seeds (the best by validation AUC), besides the baseline")
 
 
 class Scheduler(Strict):
@@ -101,6 +104,10 @@ class StudySpec(Strict):
         "tpe", description="tpe: Optuna's TPE (MOTPE for two objectives); grid: every "
         "combination of the choices once, in budget.trials trials at most; random")
     seed: int = 0
+    repeats: int = Field(
+        1, ge=1, description="training seeds behind the verdict: after the search, the best "
+        "baseline and the HiLoMoE frontier train again with seeds seed+1 .. seed+repeats-1, and "
+        "the headline gives the difference with a 95% interval (1: single runs, no interval)")
 
     @model_validator(mode="after")
     def _grid(self) -> StudySpec:
