@@ -14,7 +14,7 @@ import pytest
 
 from hilomoe.study.pareto import dominates, fronts_by_variant, pareto_front, roi, usable
 from hilomoe.study.report import write_report
-from hilomoe.study.scaling import fit_axis, fit_power_law, heldout_check
+from hilomoe.study.scaling import fit_axis, fit_power_law, heldout_check, identification
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -163,6 +163,45 @@ def test_flat_or_rising_data_never_raises():
         assert isinstance(out, str) or all(math.isfinite(v) for v in (out.b, out.c))
         json.dumps(fit_axis([rec(str(i), 2 ** i, a, experts=2 ** i)
                              for i, a in enumerate(auc)], "experts").as_dict(), allow_nan=False)
+
+
+def test_a_law_drawn_from_a_known_law_is_identified():
+    auc = 1 - truth(X) - np.random.default_rng(0).normal(0, 0.002, X.size)
+    fit = fit_axis([rec(str(i), x, a, experts=x) for i, (x, a) in enumerate(zip(X, auc))],
+                   "flops")
+    assert fit.identified and identification(fit.law) is None and fit.propose == []
+
+
+@pytest.mark.parametrize("auc, fragment", [
+    # falls once, then flat: the best fit puts the exponent on its bound
+    ([0.70, 0.75, 0.75, 0.75, 0.75, 0.75], "sits at its bound (b = 5)"),
+    # flat with noise: no trend the exponent could carry
+    ([0.750, 0.751, 0.749, 0.750, 0.752, 0.749], ""),
+])
+def test_a_law_at_its_bound_or_spanning_zero_is_not_identified(auc, fragment, tmp_path):
+    xs = [4, 8, 16, 32, 64, 128]
+    records = [rec(str(i), 10 * x, a, experts=x) for i, (x, a) in enumerate(zip(xs, auc))]
+    fit = fit_axis(records, "experts")
+    assert fit.law is not None and not fit.identified
+    assert fragment in fit.unidentified
+    assert fit.propose == [1.0, 2.0, 256.0, 512.0]  # the range widened at both ends
+    d = fit.as_dict()
+    assert d["identified"] is False and d["unidentified_reason"] == fit.unidentified
+    report = write_report(records, tmp_path / "out", "flat")
+    text = report.markdown.read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| experts K"))
+    assert "not identified" in row and "try 1, 2, 256, 512" in row
+    assert "| experts K | 0." not in text  # no coefficients printed as if they meant something
+
+
+def test_identification_reads_the_exponent_and_its_interval():
+    law = fit_power_law(X, 1 - truth(X) - np.random.default_rng(1).normal(0, 0.002, X.size))
+    assert identification(law) is None
+    for b, ci, fragment in ((5.0, (4.0, 6.0), "bound"), (0.0, (0.0, 0.1), "sits at 0"),
+                            (0.5, (-0.2, 1.2), "reaches 0"), (0.5, None, "no interval")):
+        law.b = b
+        law.ci = None if ci is None else {**law.ci, "b": ci}
+        assert fragment in identification(law)
 
 
 def test_architecture_axes_keep_the_best_trial_per_value():

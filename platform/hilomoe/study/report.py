@@ -186,6 +186,11 @@ def _scaling_section(fits: dict[str, AxisFit], plots: list[str]) -> list[str]:
         if fit.law is None:
             lines.append(_row(fit.label, f"skipped: {fit.reason}", "", "", len(fit.x), check))
             continue
+        if fit.unidentified:
+            try_ = ", ".join(f"{v:g}" for v in fit.propose)
+            lines.append(_row(fit.label, f"not identified: {fit.unidentified}",
+                              f"try {try_}" if try_ else "", "", len(fit.x), check))
+            continue
         ci = fit.law.ci or {}
         lines.append(_row(fit.label, *(_estimate(getattr(fit.law, k), ci.get(k)) for k in "abc"),
                           len(fit.x), check))
@@ -300,6 +305,14 @@ def plot_scaling(fit: AxisFit, path: Path) -> Path:
     x, auc = x[keep], auc[keep]
     grid = np.geomspace(x.min(), x.max(), 200) if x.min() < x.max() else x
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    if fit.unidentified:  # the points alone: a curve would claim what the data do not show
+        try:
+            ax.scatter(x, auc, color="black", zorder=3, label="trials")
+            ax.set_xscale("log")
+            _finish(fig, ax, path, fit.label, f"{fit.label}: law not identified")
+        finally:
+            plt.close(fig)
+        return path
     try:
         band = law.band(grid)
         if band is not None:

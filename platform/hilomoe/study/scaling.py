@@ -16,6 +16,12 @@ cross a bound. The curve's 95% band is pointwise, for the mean curve, by the del
 Predictive check: points sorted by C, the law fitted on the smaller half of the distinct C
 values (the middle one included when their count is odd) and scored on the larger half.
 
+Identification: a fit can converge and still say nothing. When the exponent sits at a bound
+(b = 0: no fall at all; b = 5: the gap drops at once and the rest is the floor c) or its
+interval reaches 0, the points cannot tell the law from a flat line: the axis is reported as
+*not identified*, with the reason in words and the values that would identify it (a range
+twice as wide at each end), and its plot shows the points without a curve.
+
 Nothing here raises on bad data: every result carries a `reason` when it could not be computed.
 """
 
@@ -41,12 +47,16 @@ AXES = {
 }
 #: Architecture knobs: other settings (lr, ...) vary too, so only the best trial per value counts.
 ENVELOPE_AXES = frozenset({"experts", "levels", "rank"})
+#: Axes whose values are counts: proposed values are whole numbers.
+INTEGER_AXES = frozenset({"experts", "levels", "rank", "params_active", "params_total"})
 
 MIN_DISTINCT = 3   # a 3-parameter curve through fewer distinct x values is not determined
 MIN_POINTS = 4     # at least one residual degree of freedom, else no interval
 MIN_HELDOUT_DISTINCT = 6   # both halves need MIN_DISTINCT distinct x values
 LEVEL = 0.95
-_BOUNDS = ([0.0, 0.0, 0.0], [np.inf, 5.0, 1.0])
+B_MAX = 5.0
+_BOUNDS = ([0.0, 0.0, 0.0], [np.inf, B_MAX, 1.0])
+_AT_BOUND = 1e-3  # relative distance from a bound that counts as sitting on it
 
 
 @dataclass
@@ -133,6 +143,12 @@ class AxisFit:
     reason: str | None = None
     heldout: HeldOut | None = None
     heldout_reason: str | None = None
+    unidentified: str | None = None  # why a fitted law says nothing (see `identification`)
+    propose: list[float] = field(default_factory=list)  # values that would identify it
+
+    @property
+    def identified(self) -> bool:
+        return self.law is not None and self.unidentified is None
 
     @property
     def label(self) -> str:
@@ -144,6 +160,8 @@ class AxisFit:
                 "x": [_json(v) for v in self.x], "auc": [_json(v) for v in self.auc],
                 "trials": self.trials,
                 "law": None if self.law is None else self.law.as_dict(), "reason": self.reason,
+                "identified": self.identified, "unidentified_reason": self.unidentified,
+                "propose": [_json(v) for v in self.propose],
                 "heldout": None if self.heldout is None else self.heldout.as_dict(),
                 "heldout_reason": self.heldout_reason}
 
@@ -211,6 +229,9 @@ def fit_axis(records: Iterable[dict], axis: str, variant: str = "hilomoe") -> Ax
         out.reason = law
     else:
         out.law = law
+        out.unidentified = identification(law)
+        if out.unidentified:
+            out.propose = proposal(axis, x)
     check = heldout_check(x, auc)
     if isinstance(check, str):
         out.heldout_reason = check
@@ -224,6 +245,32 @@ def fit_axes(records: Iterable[dict], variant: str = "hilomoe",
     """`fit_axis` for every axis, keyed by axis in the given order."""
     records = list(records)
     return {axis: fit_axis(records, axis, variant) for axis in axes}
+
+
+def identification(law: PowerLaw) -> str | None:
+    """None when the fitted law is identified; otherwise why not, in words."""
+    if law.b >= B_MAX * (1 - _AT_BOUND):
+        return (f"the exponent sits at its bound (b = {B_MAX:g}): the gap falls at once and "
+                f"is flat over the rest of the range tried, so the points show only the floor c")
+    if law.b <= B_MAX * _AT_BOUND:
+        return "the exponent sits at 0: the gap does not fall over the range tried"
+    if law.ci is None:
+        return "the exponent has no interval (too few points for a degree of freedom)"
+    lo, hi = law.ci["b"]
+    if not (math.isfinite(lo) and math.isfinite(hi)) or lo <= 0:
+        return (f"the exponent's 95% interval [{lo:.3g}, {hi:.3g}] reaches 0: over the range "
+                f"tried the curve cannot be told from a flat line")
+    return None
+
+
+def proposal(axis: str, x: Sequence[float]) -> list[float]:
+    """Values that would identify an axis's law: the range tried, widened 4x at each end."""
+    lo, hi = min(x), max(x)
+    values = [lo / 4, lo / 2, hi * 2, hi * 4]
+    if axis in INTEGER_AXES:
+        values = [float(max(1, round(v))) for v in values]
+    tried = set(x)
+    return sorted({v for v in values if v > 0 and v not in tried})
 
 
 # -- the fit itself -------------------------------------------------------------------------
