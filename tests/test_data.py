@@ -333,3 +333,53 @@ def test_parquet_shards_partition_the_split(tmp_path, world):
     equal = [ParquetBatches(ds, "train", 256, shuffle=True, rank=r, world=world, equal=True)
              for r in range(world)]
     assert {sum(len(b) for b in s.epoch(3)) for s in equal} == {len(whole) // world}
+
+
+# -- training-set subsets -----------------------------------------------------------------
+
+
+def _rows(batches) -> set[tuple]:
+    """Every row of `batches` as a tuple (ids, numeric values, label): comparable as sets."""
+    cat = torch.cat([b.cat for b in batches]).numpy()
+    num = torch.cat([b.num for b in batches]).numpy()
+    label = torch.cat([b.label for b in batches]).numpy()
+    return {(*c, *n, lab) for c, n, lab in zip(cat.tolist(), num.tolist(), label.tolist())}
+
+
+def test_train_subsets_are_nested_seeded_and_the_same_on_every_reader(synth_dir):
+    from hilomoe.data.subset import Subset
+
+    ds = open_dataset(synth_dir)
+    whole = _rows(list(ParquetBatches(ds, "train", 4096).epoch(0)))
+    n = len(whole)
+    kept = {}
+    for fraction in (0.125, 0.25, 0.5):
+        subset = Subset(fraction, seed=0)
+        rows = _rows(list(ParquetBatches(ds, "train", 512, shuffle=True, seed=1,
+                                         shuffle_buffer=3000, subset=subset).epoch(0)))
+        # two ranks' shards, reshuffled: the same rows
+        ranks = set().union(*(_rows(list(ParquetBatches(ds, "train", 512, shuffle=True, seed=r,
+                                                        rank=r, world=2, subset=subset).epoch(2)))
+                              for r in range(2)))
+        assert rows == ranks
+        sd = (n * fraction * (1 - fraction)) ** 0.5
+        assert abs(len(rows) - n * fraction) < 4 * sd  # a binomial draw of the rows
+        kept[fraction] = rows
+    assert kept[0.125] < kept[0.25] < kept[0.5] < whole  # nested
+    other = _rows(list(ParquetBatches(ds, "train", 4096, subset=Subset(0.25, seed=1)).epoch(0)))
+    assert other != kept[0.25] and abs(len(other) - len(kept[0.25])) < 8 * (n * 0.19) ** 0.5
+
+    # the training configuration's setting: the train split only, in memory and on disk
+    from hilomoe.data.planted import generate_planted
+    from hilomoe.engine.local import memory_sources, parquet_sources
+
+    cfg = TrainConfig.model_validate({"data": {"train_fraction": 0.25, "path": str(synth_dir)}})
+    sources = parquet_sources(ds, cfg)
+    assert _rows(list(sources["train"].epoch(0))) == kept[0.25]
+    assert len(_rows(list(sources["valid"].epoch(0)))) == ds.meta.splits["valid"].rows
+    problem = generate_planted(SPEC)
+    memory = memory_sources(problem, cfg)
+    split = problem.splits["train"]
+    mask = Subset(0.25).mask(np.asarray(split.cat), np.asarray(split.label))
+    assert len(memory["train"]) == mask.sum() and len(memory["valid"]) == len(
+        problem.splits["valid"].label)

@@ -53,6 +53,10 @@ class DataConfig(Strict):
 
     path: str | None = None
     synth: PlantedData = PlantedData()
+    train_fraction: float = Field(
+        1.0, gt=0.0, le=1.0, description="train on this fraction of the train split: a nested, "
+        "seeded subset (data/subset.py); valid and test stay whole")
+    subset_seed: int = Field(0, description="which subset train_fraction draws")
 
 
 # ----------------------------------------------------------------------------------------------

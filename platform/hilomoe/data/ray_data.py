@@ -64,8 +64,9 @@ class RayBatches:
     """
 
     def __init__(self, data, dataset: Dataset, batch_size: int, shuffle_buffer: int | None = None,
-                 seed: int = 0, prefetch_batches: int = 2, cache: bool = False):
-        self.data, self.batch_size = data, batch_size
+                 seed: int = 0, prefetch_batches: int = 2, cache: bool = False,
+                 subset=None):
+        self.data, self.batch_size, self.subset = data, batch_size, subset
         self.shuffle_buffer, self.seed, self.prefetch = shuffle_buffer, seed, prefetch_batches
         schema = dataset.schema
         self.num_cat, self.num_numeric = len(schema.vocab_sizes), schema.numeric
@@ -90,7 +91,7 @@ class RayBatches:
     def epoch(self, epoch: int = 0, batch_size: int | None = None) -> Iterator[Batch]:
         rng = np.random.default_rng([self.seed, epoch]) if self.shuffle_buffer else None
         return rebatch(self._blocks(), batch_size or self.batch_size, rng,
-                       self.shuffle_buffer or 0)
+                       self.shuffle_buffer or 0, self.subset)
 
     def torch_batches(self, batch_size: int | None = None) -> Iterator[Batch]:
         """The same batches through Ray's own `iter_torch_batches` (no shuffle buffer)."""

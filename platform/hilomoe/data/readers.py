@@ -17,6 +17,7 @@ import torch
 from hilomoe.data.batches import Batch
 from hilomoe.data.dataset import Dataset
 from hilomoe.data.parquet import Piece, parquet_file, shard_pieces, unreadable
+from hilomoe.data.subset import Subset
 
 
 def _column(rb: pa.RecordBatch | pa.Table, name: str, width: int) -> np.ndarray:
@@ -39,12 +40,16 @@ def columns_of(rb: pa.RecordBatch | pa.Table, num_cat: int,
 
 
 def rebatch(chunks: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]], size: int,
-            rng: np.random.Generator | None, buffer_rows: int) -> Iterator[Batch]:
+            rng: np.random.Generator | None, buffer_rows: int,
+            subset: Subset | None = None) -> Iterator[Batch]:
     """Column chunks (cat, num, label) of any sizes -> Batches of `size` rows.
 
     With `rng`, rows pass through a shuffle buffer of about `buffer_rows` rows, permuted as a
-    whole; without, they keep their order. Only the last batch may be smaller.
+    whole; without, they keep their order. Only the last batch may be smaller. With `subset`,
+    only its rows take part (before batching, so batches keep their size).
     """
+    if subset is not None:
+        chunks = (subset.apply(chunk) for chunk in chunks)
     buffer: list[tuple[np.ndarray, ...]] = []
     buffered = 0
     limit = buffer_rows if rng is not None else size
@@ -88,8 +93,9 @@ class ParquetBatches:
 
     def __init__(self, dataset: Dataset, split: str, batch_size: int, shuffle: bool = False,
                  seed: int = 0, shuffle_buffer: int = 262_144, read_rows: int = 65_536,
-                 rank: int = 0, world: int = 1, equal: bool = False):
-        self.dataset, self.split = dataset, split
+                 rank: int = 0, world: int = 1, equal: bool = False,
+                 subset: Subset | None = None):
+        self.dataset, self.split, self.subset = dataset, split, subset
         self.files = dataset.files(split)
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.shuffle_buffer, self.read_rows = shuffle_buffer, read_rows
@@ -99,9 +105,12 @@ class ParquetBatches:
         self.pieces = shard_pieces(self.files, rank, world, equal) if self.sharded else []
 
     def __len__(self) -> int:
+        """Rows read (a subset's: the expected count)."""
         if self.sharded:
-            return sum(p.stop - p.start for p in self.pieces)
-        return self.dataset.meta.splits[self.split].rows
+            rows = sum(p.stop - p.start for p in self.pieces)
+        else:
+            rows = self.dataset.meta.splits[self.split].rows
+        return rows if self.subset is None else round(rows * self.subset.fraction)
 
     def _read(self, path: Path, batches) -> Iterator[tuple[np.ndarray, ...]]:
         """Column chunks of `batches` (a lazy iterable); read errors name the file."""
@@ -128,7 +137,8 @@ class ParquetBatches:
 
     def epoch(self, epoch: int = 0, batch_size: int | None = None) -> Iterator[Batch]:
         rng = np.random.default_rng([self.seed, epoch]) if self.shuffle else None
-        return rebatch(self._chunks(rng), batch_size or self.batch_size, rng, self.shuffle_buffer)
+        return rebatch(self._chunks(rng), batch_size or self.batch_size, rng, self.shuffle_buffer,
+                       self.subset)
 
     def __iter__(self) -> Iterator[Batch]:
         return self.epoch(0)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from hilomoe.config import ModelConfig, TrainConfig, Variant
@@ -17,6 +18,7 @@ from hilomoe.data.batches import TensorBatches
 from hilomoe.data.dataset import SPLITS, Dataset, open_dataset
 from hilomoe.data.planted import PlantedProblem, generate_planted, planted_schema
 from hilomoe.data.readers import ParquetBatches
+from hilomoe.data.subset import train_subset
 from hilomoe.engine.loop import BatchSource
 from hilomoe.model.ctr import CTRModel
 from hilomoe.model.embedding import make_embedding
@@ -26,10 +28,14 @@ from hilomoe.schema import FeatureSchema
 def memory_sources(problem: PlantedProblem, cfg: TrainConfig) -> dict[str, TensorBatches]:
     """Batch sources per split of an in-memory problem: train shuffled per epoch."""
     out = {}
+    subset = train_subset(cfg.data)
     for name, split in problem.splits.items():
         train = name == "train"
+        cat, num, label = split.cat, split.num, split.label
+        if train and subset is not None:
+            cat, num, label = subset.apply((np.asarray(cat), np.asarray(num), np.asarray(label)))
         out[name] = TensorBatches(
-            split.cat, split.num, split.label,
+            cat, num, label,
             batch_size=cfg.stages.base.batch_size if train else cfg.eval_batch_size,
             shuffle=train, seed=cfg.seed,
         )
@@ -40,7 +46,8 @@ def parquet_sources(dataset: Dataset, cfg: TrainConfig) -> dict[str, ParquetBatc
     """Batch sources per split of a canonical dataset on disk, streamed with pyarrow."""
     return {split: ParquetBatches(dataset, split,
                                   cfg.stages.base.batch_size if split == "train" else cfg.eval_batch_size,
-                                  shuffle=split == "train", seed=cfg.seed)
+                                  shuffle=split == "train", seed=cfg.seed,
+                                  subset=train_subset(cfg.data) if split == "train" else None)
             for split in SPLITS}
 
 

@@ -111,6 +111,7 @@ class Stage1Cache(KeyedStore):
             "backbone": cfg.model.backbone.model_dump(mode="json"),
             "stage": cfg.stages.base.model_dump(mode="json"),
             "shuffle_buffer": cfg.ray.shuffle_buffer,
+            "train_subset": [cfg.data.train_fraction, cfg.data.subset_seed],
         })
 
     def get(self, key: str) -> Stage1Entry | None:

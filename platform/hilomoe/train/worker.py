@@ -107,21 +107,24 @@ def worker_sources(cfg: TrainConfig, dataset, rank: int, world: int) -> dict:
 
     from hilomoe.data.ray_data import RayBatches, row_bytes
     from hilomoe.data.readers import ParquetBatches
+    from hilomoe.data.subset import train_subset
 
     def shard(split: str):
         train = split == "train"
         size = cfg.stages.base.batch_size if train else cfg.eval_batch_size
         seed = cfg.seed * 1000 + rank
+        subset = train_subset(cfg.data) if train else None
         if cfg.ray.reader == "parquet":
             return ParquetBatches(dataset, split, size, shuffle=train, seed=seed,
                                   shuffle_buffer=cfg.ray.shuffle_buffer, rank=rank, world=world,
-                                  equal=train)
+                                  equal=train, subset=subset)
         # the validation shard is read every epoch: kept after the first pass when small
         # (the same choice on every rank, from metadata alone)
         shard_mb = dataset.meta.splits[split].rows / world * row_bytes(dataset) / 2**20
         return RayBatches(ray.train.get_dataset_shard(split), dataset, size,
                           shuffle_buffer=cfg.ray.shuffle_buffer if train else None, seed=seed,
-                          cache=split == "valid" and shard_mb <= cfg.ray.eval_cache_mb)
+                          cache=split == "valid" and shard_mb <= cfg.ray.eval_cache_mb,
+                          subset=subset)
 
     return {split: shard(split) for split in ("train", "valid", "test")}
 
