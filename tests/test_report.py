@@ -295,3 +295,52 @@ def test_write_report_with_one_record_and_no_baseline(tmp_path):
 
 def test_usable_is_what_takes_part():
     assert ids(usable(HAND)) == ["a", "b", "c", "d", "e", "f", "g", "h"]
+
+
+# -- the joint law in parameters and data ------------------------------------------------------
+
+JOINT = {"E": 0.08, "A": 0.05, "alpha": 0.6, "B": 0.04, "beta": 0.4}
+
+
+def joint_truth(n, d):
+    return (JOINT["E"] + JOINT["A"] * (np.asarray(n) / 1e4) ** -JOINT["alpha"]
+            + JOINT["B"] * (np.asarray(d) / 1e5) ** -JOINT["beta"])
+
+
+def crossed_design():
+    """Two one-factor grids crossing at (N, D) = (1e4, 1e5): as a law design runs them."""
+    n = [1e4 * f for f in (0.25, 0.5, 1, 2, 4, 8)] + [1e4] * 5
+    d = [1e5] * 6 + [1e5 * f for f in (1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2)]
+    return np.array(n), np.array(d)
+
+
+def test_the_joint_law_lands_inside_its_intervals_and_predicts_the_held_out_corner():
+    from hilomoe.study.joint_law import fit_joint, joint_identification
+
+    n, d = crossed_design()
+    covered = 0
+    for seed in range(10):
+        auc = 1 - joint_truth(n, d) - np.random.default_rng(seed).normal(0, 0.0005, n.size)
+        records = [rec(str(i), 1, a, params_active=ni, train_rows=di)
+                   for i, (ni, di, a) in enumerate(zip(n, d, auc))]
+        fit = fit_joint(records)
+        law = fit.law
+        assert law is not None and fit.unidentified is None, fit.reason or fit.unidentified
+        assert joint_identification(law) is None
+        # scale-free parameters directly; A and B through the rescaling N / scale_n
+        truth = {"E": JOINT["E"], "alpha": JOINT["alpha"], "beta": JOINT["beta"],
+                 "A": JOINT["A"] * (law.scale_n / 1e4) ** -JOINT["alpha"],
+                 "B": JOINT["B"] * (law.scale_d / 1e5) ** -JOINT["beta"]}
+        covered += all(law.ci[k][0] <= v <= law.ci[k][1] for k, v in truth.items())
+        assert fit.heldout_mae is not None and fit.heldout_mae < 0.01
+        json.dumps(fit.as_dict(), allow_nan=False)
+    assert covered >= 8
+
+
+def test_a_joint_law_without_a_data_axis_is_explained():
+    from hilomoe.study.joint_law import fit_joint
+
+    records = [rec(str(i), 1, 0.8 + 0.01 * i, params_active=1000 * 2 ** i, train_rows=1e5)
+               for i in range(8)]
+    fit = fit_joint(records)
+    assert fit.law is None and "1 D" in fit.reason

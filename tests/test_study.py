@@ -216,6 +216,35 @@ def test_repeats_train_the_baseline_and_the_front_again_and_give_the_interval(wo
 
 
 @pytest.mark.slow
+def test_a_law_design_gives_each_axis_six_values_and_the_laws_are_fitted(workdir):
+    """`laws: {axes: [experts, train_size]}`: after a one-trial search, a grid along each axis
+    around the best trial; each law has 6 distinct values, a fit and a held-out check, and the
+    joint law in parameters and data is fitted on the crossed grids."""
+    study = write_study(workdir / "tiny.yaml",
+                        space={"model.moe.variant": {"choice": ["hilomoe"]}},
+                        **{"budget.trials": 1, "laws": {
+                            "axes": ["experts", "train_size"],
+                            "values": {"experts": [2, 3, 4, 5, 6, 8]}}})
+    summary = one_json(hilomoe("study", "run", str(study), "--json").stdout)
+    (center,) = [t for t in summary["trials"] if "design_axis" not in t]
+    designed = [t for t in summary["trials"] if "design_axis" in t]
+    for axis, field, values in (("experts", "experts", 6), ("train_size", "train_rows", 6)):
+        mine = [t for t in designed if t["design_axis"] == axis and t["status"] == "completed"]
+        assert len({t[field] for t in mine}) >= values
+        others = {"experts": "train_fraction", "train_size": "experts"}[axis]
+        assert {t[others] for t in mine} == {center[others]}  # all else fixed at the center
+    rows = sorted(t["train_rows"] for t in designed if t["design_axis"] == "train_size")
+    assert rows[-1] == center["train_rows"] and rows[0] < rows[-1] / 20  # nested fractions
+    laws = summary["laws"]
+    for axis in ("experts", "train_rows"):
+        assert axis in laws and ("heldout_mae" in laws[axis])
+    report = Path(summary["report"]).read_text()
+    assert "| training rows D |" in report and "## Joint law in parameters and data" in report
+    # the center's own value along an axis replays the center (trained once)
+    assert summary["trials_reused"] >= 1
+
+
+@pytest.mark.slow
 def test_a_killed_study_driver_resumes_without_rerunning_finished_trials(workdir):
     # 6 distinct points of 10 (dense twice, hilomoe and flat four times each)
     study = write_study(workdir / "tiny.yaml", space={"stages.base.lr": {"choice": [0.005, 0.01]}},

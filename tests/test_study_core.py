@@ -340,12 +340,12 @@ def test_records_say_completed_pruned_or_failed(dataset):
     epoch = {"stage": "joint", "epoch": 1, "valid_auc": 0.7, "elapsed_s": 3.0}
     final = {"final": True, "valid_auc": 0.71, "test_auc": 0.72, "train_seconds": 4.0,
              "stage1_reused": True, "stage1_seconds": 2.0}
-    done = trial_record("a", {}, cfg, schema, [epoch, final], "done", None)
+    done = trial_record("a", {}, cfg, schema, [epoch, final], "done", None, 1000)
     assert done["status"] == "completed" and done["test_auc"] == 0.72 and done["epochs"] == 1
     assert done["stage1_reused"] and done["train_seconds"] == 4.0 and done["flops"] > 0
-    cut = trial_record("b", {}, cfg, schema, [epoch], "done", None)
+    cut = trial_record("b", {}, cfg, schema, [epoch], "done", None, 1000)
     assert cut["status"] == "pruned" and cut["test_auc"] is None and cut["valid_auc"] == 0.7
-    assert trial_record("c", {}, cfg, schema, [epoch], "failed", None)["status"] == "failed"
+    assert trial_record("c", {}, cfg, schema, [epoch], "failed", None, 1000)["status"] == "failed"
     spec = parse_study(study({}))
     assert best_record(spec, [cut, done])["trial_id"] == "a"
 

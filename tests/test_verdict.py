@@ -37,12 +37,13 @@ def test_the_best_baseline_and_the_hilomoe_front_are_repeated_with_new_seeds():
                rec("h4", "hilomoe", 300, 0.74), rec("f1", "flat", 50, 0.9)]
     assert [r["trial_id"] for r in repeat_targets(records, top=2)] == ["d2", "h4", "h1"]
     todo = repeat_points(records, repeats=3, top=2)
-    assert [(p["repeat_of"], p["seed"]) for p in todo] == [
+    assert [(p["repeat_of"], p["settings"]["seed"]) for p in todo] == [
         ("d2", 1), ("d2", 2), ("h4", 1), ("h4", 2), ("h1", 1), ("h1", 2)]
-    assert todo[0]["model.moe.variant"] == "dense"
+    assert todo[0]["settings"] == {"model.moe.variant": "dense", "seed": 1}
     # a repeat already recorded is not trained again; repeats are never targets themselves
     done = records + [rec("x", "hilomoe", 300, 0.99, seed=1, repeat_of="h4")]
-    assert ("h4", 1) not in [(p["repeat_of"], p["seed"]) for p in repeat_points(done, 3, 2)]
+    assert ("h4", 1) not in [(p["repeat_of"], p["settings"]["seed"])
+                             for p in repeat_points(done, 3, 2)]
     assert repeat_points(records, repeats=1, top=2) == []
 
 

@@ -18,6 +18,7 @@ from ray.tune import Callback
 
 from hilomoe.study.driver import EVENTS_FILE, RUNS_FILE, StudyRun
 from hilomoe.study.records import save_record, trial_record, write_json
+from hilomoe.study.design import DESIGN_AXIS
 from hilomoe.study.space import REPEAT_OF, SearchSpace
 
 EPOCH_PREFIXES = ("train_", "valid_")
@@ -70,9 +71,10 @@ class StudyCallback(Callback):
             if runs.is_file():
                 for trial_id, run_id in json.loads(runs.read_text()).items():
                     tracker.run_ids.setdefault(trial_id, run_id)
+            dataset = open_dataset(run.dataset)
             self._live = {"ctx": run.context(), "space": SearchSpace(run.study),
-                          "schema": open_dataset(run.dataset).schema, "results": {},
-                          **attached}
+                          "schema": dataset.schema, "results": {},
+                          "train_rows": dataset.meta.splits["train"].rows, **attached}
         return self._live
 
     def _warn(self, message: str) -> None:
@@ -132,7 +134,9 @@ class StudyCallback(Callback):
                       else results[-1].get("checkpoint_path"))
         record = trial_record(trial.trial_id, live["space"].overrides(trial.config),
                               live["ctx"].config(trial.config), live["schema"], results, status,
-                              checkpoint, repeat_of=trial.config.get(REPEAT_OF))
+                              checkpoint, live["train_rows"],
+                              repeat_of=trial.config.get(REPEAT_OF),
+                              design_axis=trial.config.get(DESIGN_AXIS))
         if status == "failed" and trial.error_file:
             record["error"] = _last_line(trial.error_file)
         save_record(self.study_dir, record)

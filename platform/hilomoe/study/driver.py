@@ -29,6 +29,7 @@ from hilomoe.study.space import SearchSpace
 from hilomoe.study.spec import StudySpec, parse_study
 from hilomoe.study.records import best_record, load_records, write_json
 from hilomoe.study.trial import TRIAL_CPU, TrialContext, run_trial
+from hilomoe.study.design import design_points
 from hilomoe.study.verdict import MODEL, repeat_points, search_records
 
 RUNS_FILE = "mlflow_runs.json"  # trial id -> MLflow child run (kept by the study's callback)
@@ -36,7 +37,9 @@ EVENTS_FILE = "events.jsonl"  # trial starts, epochs, ends, recoveries and warni
 
 STUDY_FILE = "study.json"
 TUNE_DIR = "tune"
-REPEATS_DIR = "tune_repeats"  # the Tuner of the repeats (study/verdict.py)
+# each phase's Tuner: the search, then the law designs (study/design.py), then the repeats
+# behind the verdict (study/verdict.py)
+PHASE_DIRS = {"search": TUNE_DIR, "design": "tune_design", "repeats": "tune_repeats"}
 RESULT_FILE = "result.json"
 
 
@@ -100,8 +103,9 @@ def _open_run(spec: StudySpec, study_dir: Path, resume: bool, cache: bool) -> St
 # the study
 
 
-def _tuner(run: StudyRun, callback, resume: bool, repeats: list[dict] | None = None):
-    """The search's Tuner, or with `repeats` (points) the Tuner that trains them."""
+def _tuner(run: StudyRun, callback, resume: bool, phase: str = "search",
+           points: list[dict] | None = None):
+    """The search's Tuner, or the Tuner of a later phase that trains its fixed `points`."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
@@ -113,14 +117,14 @@ def _tuner(run: StudyRun, callback, resume: bool, repeats: list[dict] | None = N
     resources = ({"cpu": budget.cpus_per_trial, "gpu": budget.gpus_per_trial}
                  if budget.workers_per_trial == 1 else {"cpu": TRIAL_CPU})  # workers hold the rest
     trainable = tune.with_resources(trainable, resources)
-    name = TUNE_DIR if repeats is None else REPEATS_DIR
+    name = PHASE_DIRS[phase]
     tune_dir = Path(run.study_dir) / name
     if resume and tune.Tuner.can_restore(str(tune_dir)):
         return tune.Tuner.restore(str(tune_dir), trainable=trainable, resume_unfinished=True,
                                   resume_errored=True)
     space = SearchSpace(spec)
-    if repeats is not None:  # every repeat runs to the end
-        searcher, samples, scheduler = FixedPoints(repeats), len(repeats), FIFOScheduler()
+    if phase != "search":  # every fixed point runs to the end
+        searcher, samples, scheduler = FixedPoints(points), len(points), FIFOScheduler()
     else:
         searcher, samples = make_searcher(spec, space), trials_to_run(spec, space)
         scheduler = (ASHAScheduler(time_attr="joint_epoch", metric="valid_auc", mode="max",
@@ -243,13 +247,14 @@ def _drive(run: StudyRun, resume: bool, console: Callable[[dict], None] | None,
         attach(run.study_dir, tracker, console)
         try:
             _tuner(run, StudyCallback(run.study_dir), resume).fit()
-            repeats = repeat_points(load_records(run.study_dir), spec.repeats,
-                                    spec.budget.repeated_points)
-            if repeats or (resume and (Path(run.study_dir) / REPEATS_DIR).is_dir()):
-                if console:
-                    console({"kind": "phase", "message": f"repeating the baseline and the "
-                             f"{MODEL} frontier with {spec.repeats} seeds: {len(repeats)} trials"})
-                _tuner(run, StudyCallback(run.study_dir), resume, repeats).fit()
+            for phase in ("design", "repeats"):
+                points = _phase_points(spec, phase, load_records(run.study_dir))
+                if points or (resume and (Path(run.study_dir) / PHASE_DIRS[phase]).is_dir()):
+                    if console:
+                        console({"kind": "phase", "message": _PHASE_LINES[phase].format(
+                            n=len(points), axes=", ".join(spec.laws.axes),
+                            seeds=spec.repeats, model=MODEL)})
+                    _tuner(run, StudyCallback(run.study_dir), resume, phase, points).fit()
         except KeyboardInterrupt:
             raise HilomoeError(f"interrupted; continue the study with `hilomoe study run "
                                f"STUDY.yaml --out {run.study_dir} --resume`") from None
@@ -259,6 +264,18 @@ def _drive(run: StudyRun, resume: bool, console: Callable[[dict], None] | None,
     finally:
         if started:
             ray.shutdown()
+
+
+_PHASE_LINES = {
+    "design": "scaling-law grids along {axes}: {n} trials",
+    "repeats": "the baseline and the {model} frontier again with {seeds} seeds: {n} trials",
+}
+
+
+def _phase_points(spec: StudySpec, phase: str, records: list[dict]) -> list[dict]:
+    if phase == "design":
+        return design_points(spec.laws, spec.train, records)
+    return repeat_points(records, spec.repeats, spec.budget.repeated_points)
 
 
 def _conclude(run: StudyRun, tracker, wall_s: float) -> dict:
@@ -287,6 +304,7 @@ def _conclude(run: StudyRun, tracker, wall_s: float) -> dict:
                                                   "test_logloss", "flops", "params_active",
                                                   "params_total")}},
         "headline": report.headline,
+        "laws": report.laws(),
         "pareto": report.pareto,
         "trials": records,
         "repeats": [r for r in everything if r not in records],

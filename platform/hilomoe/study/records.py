@@ -1,8 +1,8 @@
 """Trial records: one JSON document per finished trial, what reports and `--json` read.
 
     {"trial_id", "status": completed | pruned | failed, "params": {dotted key: value}, "seed",
-     "repeat_of",                                                    # repeats only
-     "variant", "levels", "experts", "rank", "top_k",
+     "repeat_of", "design_axis",                       # repeats, law designs (study/design.py)
+     "variant", "levels", "experts", "rank", "top_k", "mlp_width", "train_fraction", "train_rows",
      "valid_auc", "valid_logloss", "test_auc", "test_logloss",      # test: completed only
      "flops", "params_total", "params_active", "params_embedding",   # per sample, analytic
      "epochs", "train_seconds", "stage1_reused", "stage1_seconds", "trial_reused", "trial_saved_s",
@@ -28,7 +28,8 @@ TRIALS_DIR = "trials"
 
 
 def trial_record(trial_id: str, params: dict, cfg, schema, results: list[dict], status: str,
-                 checkpoint: str | None, repeat_of: str | None = None) -> dict:
+                 checkpoint: str | None, train_rows: int, repeat_of: str | None = None,
+                 design_axis: str | None = None) -> dict:
     """A record from a trial's reported results; `status` "done" becomes completed (it reached
     its final report) or pruned (a scheduler stopped it)."""
     last = results[-1] if results else {}
@@ -39,9 +40,13 @@ def trial_record(trial_id: str, params: dict, cfg, schema, results: list[dict], 
     return {
         "trial_id": trial_id, "status": status, "params": params, "seed": cfg.seed,
         **({"repeat_of": repeat_of} if repeat_of else {}),
+        **({"design_axis": design_axis} if design_axis else {}),
         "variant": moe.variant.value if moe.has_experts else "dense",
         "levels": moe.levels if moe.has_experts else 0, "experts": moe.experts,
         "rank": moe.rank, "top_k": moe.top_k,
+        "mlp_width": cfg.model.backbone.mlp[0] if cfg.model.backbone.mlp else 0,
+        "train_fraction": cfg.data.train_fraction,
+        "train_rows": round(train_rows * cfg.data.train_fraction),  # expected, for a subset
         "valid_auc": last.get("valid_auc"), "valid_logloss": last.get("valid_logloss"),
         "test_auc": last.get("test_auc") if final else None,
         "test_logloss": last.get("test_logloss") if final else None,

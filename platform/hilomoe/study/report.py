@@ -25,6 +25,7 @@ import numpy as np
 
 from hilomoe.study.pareto import (PAPER_CLAIM, Roi, best, fronts_by_variant, number, pareto_front,
                                   roi, si, usable)
+from hilomoe.study.joint_law import JointFit, fit_joint
 from hilomoe.study.scaling import AxisFit, fit_axes
 from hilomoe.study.verdict import Headline, headline as verdict, search_records
 
@@ -51,11 +52,25 @@ class Report:
     fits: dict = field(default_factory=dict)           # axis -> AxisFit.as_dict()
     counts: dict = field(default_factory=dict)         # status -> trials, plus stage-1 reuse
     headline: dict = field(default_factory=dict)       # Headline.as_dict(), or available=False
+    joint: dict = field(default_factory=dict)          # JointFit.as_dict()
 
     def as_dict(self) -> dict:
         return {"markdown": str(self.markdown), "plots": [str(p) for p in self.plots],
                 "pareto": self.pareto, "roi": self.roi, "fits": self.fits, "counts": self.counts,
-                "headline": self.headline}
+                "headline": self.headline, "joint": self.joint, "laws": self.laws()}
+
+    def laws(self) -> dict:
+        """The fitted laws in brief: per axis whether it is identified, its exponent and its
+        held-out error; `joint` for the law in parameters and data."""
+        out = {axis: {"identified": f["identified"], "b": f["law"]["b"],
+                      "heldout_mae": (f["heldout"] or {}).get("mae"),
+                      "reason": f["unidentified_reason"]}
+               for axis, f in self.fits.items() if f["law"] is not None}
+        if self.joint.get("law"):
+            out["joint"] = {"identified": self.joint["identified"],
+                            "heldout_mae": self.joint["heldout_mae"],
+                            "reason": self.joint["unidentified_reason"]}
+        return out
 
 
 def write_report(records: list[dict], out_dir: Path, title: str,
@@ -72,6 +87,7 @@ def write_report(records: list[dict], out_dir: Path, title: str,
     headline = roi(points, BASELINE, MODEL)
     noise = verdict(everything)
     fits = fit_axes(points, MODEL) if points else {}
+    joint = fit_joint(points, MODEL)
     counts = {**trial_counts(records), "repeats": len(everything) - len(records)}
 
     out_dir = Path(out_dir)
@@ -86,7 +102,8 @@ def write_report(records: list[dict], out_dir: Path, title: str,
                 if fit.law is not None:
                     plot_scaling(fit, stage / f"scaling_{axis}.png")
                     drawn.append(f"scaling_{axis}.png")
-        text = markdown(title, meta, records, front, headline, fits, counts, drawn, noise)
+        text = markdown(title, meta, records, front, headline, fits, counts, drawn, noise,
+                        joint)
         (stage / "report.md").write_text(text, encoding="utf-8")
         for name in [*drawn, "report.md"]:
             os.replace(stage / name, out_dir / name)
@@ -100,6 +117,7 @@ def write_report(records: list[dict], out_dir: Path, title: str,
         roi=headline.as_dict() if isinstance(headline, Roi)
         else {"available": False, "reason": headline},
         fits={axis: fit.as_dict() for axis, fit in fits.items()}, counts=counts,
+        joint=joint.as_dict(),
         headline=noise.as_dict() if isinstance(noise, Headline)
         else {"available": False, "reason": noise})
 
@@ -119,7 +137,7 @@ def trial_counts(records: list[dict]) -> dict:
 
 def markdown(title: str, meta: dict | None, records: list[dict], front: list[dict],
              headline: Roi | str, fits: dict[str, AxisFit], counts: dict,
-             plots: list[str], noise: Headline | str = "") -> str:
+             plots: list[str], noise: Headline | str = "", joint: JointFit | None = None) -> str:
     """The whole page; `plots` are the image file names drawn next to it."""
     lines = [f"# {title}", ""]
     for key, value in (meta or {}).items():
@@ -142,6 +160,8 @@ def markdown(title: str, meta: dict | None, records: list[dict], front: list[dic
         lines += _pareto_section(front, "pareto.png" in plots)
         lines += _variant_section(points)
         lines += _scaling_section(fits, plots)
+        if joint is not None and len(set(joint.d)) > 1:
+            lines += _joint_section(joint)
     lines += _counts_section(counts)
     return "\n".join(lines).rstrip() + "\n"
 
@@ -175,7 +195,8 @@ def _variant_section(points: list[dict]) -> list[str]:
 def _scaling_section(fits: dict[str, AxisFit], plots: list[str]) -> list[str]:
     lines = ["## Scaling laws", "",
              f"gap = 1 - valid AUC = a * C^(-b) + c along each axis C, fitted on the {MODEL} "
-             "trials (for K, L and r the best trial per value). Brackets: 95% Wald intervals "
+             "trials (along an axis the study's `laws` declared: its grid, all else fixed; "
+             "otherwise, for K, L and r, the best trial per value). Brackets: 95% Wald intervals "
              "(they may cross the bounds a, c >= 0, 0 <= b <= 5); "
              "held-out: fitted on the smaller half of the C values, error on the larger half "
              "in AUC units.", "",
@@ -198,6 +219,26 @@ def _scaling_section(fits: dict[str, AxisFit], plots: list[str]) -> list[str]:
     if images:
         lines.append("")
         lines += [f"![scaling along {name[8:-4]}]({name})" for name in images]
+    return lines + [""]
+
+
+def _joint_section(joint: JointFit) -> list[str]:
+    lines = ["## Joint law in parameters and data", "",
+             "gap = E + A / N^alpha + B / D^beta (Hoffmann et al. 2022), N active parameters, "
+             f"D training rows, over {len(joint.n)} {MODEL} trials (N and D rescaled by their "
+             "geometric means); brackets: 95% intervals.", ""]
+    if joint.law is None:
+        return lines + [f"Not fitted: {joint.reason}.", ""]
+    if joint.unidentified:
+        lines += [f"**Not identified**: {joint.unidentified}.", ""]
+    else:
+        ci = joint.law.ci or {}
+        lines.append(", ".join(f"{k} = {_estimate(v, ci.get(k))}"
+                               for k, v in joint.law.params.items()) + ".")
+        lines.append("")
+    lines.append(f"Held-out (fitted below the largest third of N*D): MAE "
+                 f"{joint.heldout_mae:.4f} AUC." if joint.heldout_mae is not None
+                 else f"Held-out: skipped, {joint.heldout_reason}.")
     return lines + [""]
 
 

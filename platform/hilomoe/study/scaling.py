@@ -45,6 +45,11 @@ AXES = {
     "levels": "levels L",
     "rank": "LoRA rank r",
 }
+#: Axes fitted only when a law design varied them (study/design.py): record field -> label.
+DESIGN_AXES = {"mlp_width": "MLP width (first layer)", "train_rows": "training rows D"}
+#: A design axis name (study/design.py) -> the record field it is fitted along.
+DESIGN_FIELD = {"experts": "experts", "levels": "levels", "rank": "rank",
+                "mlp_width": "mlp_width", "train_size": "train_rows"}
 #: Architecture knobs: other settings (lr, ...) vary too, so only the best trial per value counts.
 ENVELOPE_AXES = frozenset({"experts", "levels", "rank"})
 #: Axes whose values are counts: proposed values are whole numbers.
@@ -56,7 +61,7 @@ MIN_HELDOUT_DISTINCT = 6   # both halves need MIN_DISTINCT distinct x values
 LEVEL = 0.95
 B_MAX = 5.0
 _BOUNDS = ([0.0, 0.0, 0.0], [np.inf, B_MAX, 1.0])
-_AT_BOUND = 1e-3  # relative distance from a bound that counts as sitting on it
+AT_BOUND = 1e-3  # relative distance from a bound that counts as sitting on it
 
 
 @dataclass
@@ -99,16 +104,16 @@ class PowerLaw:
         with np.errstate(all="ignore"):
             grad = _jac(u, self.a_scaled, self.b, self.c)
             var = np.einsum("ni,ij,nj->n", grad, self.cov, grad).clip(0)
-            half = _t(self.dof) * np.sqrt(var)
+            half = t_quantile(self.dof) * np.sqrt(var)
         centre = self.auc(x)
         return centre - half, centre + half
 
     def as_dict(self) -> dict:
-        return {"a": _json(self.a), "b": _json(self.b), "c": _json(self.c),
-                "a_scaled": _json(self.a_scaled), "scale": _json(self.scale),
-                "rmse": _json(self.rmse), "dof": self.dof,
+        return {"a": json_float(self.a), "b": json_float(self.b), "c": json_float(self.c),
+                "a_scaled": json_float(self.a_scaled), "scale": json_float(self.scale),
+                "rmse": json_float(self.rmse), "dof": self.dof,
                 "ci": None if self.ci is None
-                else {k: [_json(lo), _json(hi)] for k, (lo, hi) in self.ci.items()}}
+                else {k: [json_float(lo), json_float(hi)] for k, (lo, hi) in self.ci.items()}}
 
 
 @dataclass
@@ -123,8 +128,8 @@ class HeldOut:
     law: PowerLaw
 
     def as_dict(self) -> dict:
-        return {"split": _json(self.split), "n_fit": self.n_fit, "n_test": self.n_test,
-                "mae": _json(self.mae), "max_abs": _json(self.max_abs)}
+        return {"split": json_float(self.split), "n_fit": self.n_fit, "n_test": self.n_test,
+                "mae": json_float(self.mae), "max_abs": json_float(self.max_abs)}
 
 
 @dataclass
@@ -152,16 +157,16 @@ class AxisFit:
 
     @property
     def label(self) -> str:
-        return AXES.get(self.axis, self.axis)
+        return AXES.get(self.axis) or DESIGN_AXES.get(self.axis, self.axis)
 
     def as_dict(self) -> dict:
         return {"axis": self.axis, "label": self.label, "n": len(self.x),
                 "distinct": len(set(self.x)),
-                "x": [_json(v) for v in self.x], "auc": [_json(v) for v in self.auc],
+                "x": [json_float(v) for v in self.x], "auc": [json_float(v) for v in self.auc],
                 "trials": self.trials,
                 "law": None if self.law is None else self.law.as_dict(), "reason": self.reason,
                 "identified": self.identified, "unidentified_reason": self.unidentified,
-                "propose": [_json(v) for v in self.propose],
+                "propose": [json_float(v) for v in self.propose],
                 "heldout": None if self.heldout is None else self.heldout.as_dict(),
                 "heldout_reason": self.heldout_reason}
 
@@ -204,7 +209,12 @@ def axis_points(records: Iterable[dict], axis: str,
     the other searched settings vary too, and the law is about what each size can reach.
     """
     points = [r for r in usable(records, axis) if r.get("variant") == variant]
-    if axis in ENVELOPE_AXES:
+    designed = [r for r in points if DESIGN_FIELD.get(r.get("design_axis")) == axis]
+    if designed:  # a grid along this axis, all else fixed: exactly the law's points
+        points = designed
+    elif axis != "train_rows":  # a model-size law is at the whole training set
+        points = [r for r in points if (number(r.get("train_fraction")) or 1.0) >= 1.0]
+    if axis in ENVELOPE_AXES and not designed:
         top: dict[float, dict] = {}
         for r in points:
             key = number(r[axis])
@@ -241,18 +251,22 @@ def fit_axis(records: Iterable[dict], axis: str, variant: str = "hilomoe") -> Ax
 
 
 def fit_axes(records: Iterable[dict], variant: str = "hilomoe",
-             axes: Iterable[str] = tuple(AXES)) -> dict[str, AxisFit]:
-    """`fit_axis` for every axis, keyed by axis in the given order."""
+             axes: Iterable[str] | None = None) -> dict[str, AxisFit]:
+    """`fit_axis` for every axis (default: AXES, and the design axes some record varied),
+    keyed by axis in that order."""
     records = list(records)
+    if axes is None:
+        designed = {DESIGN_FIELD.get(r.get("design_axis")) for r in records}
+        axes = [*AXES, *(a for a in DESIGN_AXES if a in designed)]
     return {axis: fit_axis(records, axis, variant) for axis in axes}
 
 
 def identification(law: PowerLaw) -> str | None:
     """None when the fitted law is identified; otherwise why not, in words."""
-    if law.b >= B_MAX * (1 - _AT_BOUND):
+    if law.b >= B_MAX * (1 - AT_BOUND):
         return (f"the exponent sits at its bound (b = {B_MAX:g}): the gap falls at once and "
                 f"is flat over the rest of the range tried, so the points show only the floor c")
-    if law.b <= B_MAX * _AT_BOUND:
+    if law.b <= B_MAX * AT_BOUND:
         return "the exponent sits at 0: the gap does not fall over the range tried"
     if law.ci is None:
         return "the exponent has no interval (too few points for a degree of freedom)"
@@ -330,7 +344,7 @@ def _starts(u: np.ndarray, gaps: np.ndarray) -> list[list[float]]:
 
 
 def _intervals(law: PowerLaw) -> dict[str, tuple[float, float]]:
-    t = _t(law.dof)
+    t = t_quantile(law.dof)
     var_a, var_b, var_c = np.diag(law.cov)
     # a = a' * scale**b, so its variance comes through both a' and b (delta method).
     with np.errstate(all="ignore"):
@@ -345,7 +359,7 @@ def _intervals(law: PowerLaw) -> dict[str, tuple[float, float]]:
     return out
 
 
-def _t(dof: int) -> float:
+def t_quantile(dof: int) -> float:
     from scipy.stats import t
 
     return float(t.ppf(0.5 + LEVEL / 2, dof))
@@ -376,6 +390,6 @@ def _dropped(n: int) -> str:
     return f" ({n} non-finite or non-positive dropped)" if n else ""
 
 
-def _json(value: float | None) -> float | None:
+def json_float(value: float | None) -> float | None:
     """JSON has no NaN or inf: those become null."""
     return None if value is None or not math.isfinite(value) else float(value)

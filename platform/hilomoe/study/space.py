@@ -30,8 +30,10 @@ SCALARS = (bool, int, float, str, type(None))
 # settings that decide whether others apply, drawn before the rest (in this order)
 GATES = ("model.moe.variant", "model.moe.levels", "stages.base.enabled",
          "stages.experts.enabled", "stages.joint.enabled")
-# a repeat's point names the search trial it repeats under this key (`study/verdict.py`)
-REPEAT_OF = "repeat_of"
+# A fixed point (a repeat, a law design's grid point) holds its settings already resolved
+# under FIXED, and says what it is for under REPEAT_OF (`study/verdict.py`) or
+# `design.DESIGN_AXIS`.
+FIXED, REPEAT_OF = "settings", "repeat_of"
 # `points()` lists a discrete space up to this many points (and an int range up to this many
 # values); a larger or continuous space is drawn without a count
 MAX_POINTS = 100_000
@@ -79,16 +81,16 @@ class SearchSpace:
     # -- a point: Tune's flat dict of the drawn keys ------------------------------------------
 
     def overrides(self, params: dict[str, Any]) -> dict[str, Any]:
-        """A point as dotted-path overrides of the study's training settings. A space key the
-        point did not draw keeps the study's fixed setting; a key outside the space (a repeat's
-        `seed`) is a setting of its own; `REPEAT_OF` is not a setting."""
+        """A point as dotted-path overrides of the study's training settings: a drawn point's
+        keys (a space key it did not draw keeps the study's fixed setting), or a fixed point's
+        resolved settings."""
+        if FIXED in params:
+            return dict(params[FIXED])
         out = {}
         for key in self.keys:
             if key in params:
                 domain, value = self.spec.space[key], params[key]
                 out[key] = domain.choice[int(value)] if _indexed(domain) else value
-        out.update((k, v) for k, v in params.items()
-                   if k not in self.spec.space and k != REPEAT_OF)
         return out
 
     def config(self, params: dict[str, Any]) -> TrainConfig:

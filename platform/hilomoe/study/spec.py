@@ -8,6 +8,7 @@
     objectives: [{metric: valid_auc, mode: max}, {metric: flops, mode: min}]
     budget: {trials: 16, concurrency: 2, time_limit_s: 3600, workers_per_trial: 1}
     repeats: 3                   # seeds behind the verdict (study/verdict.py)
+    laws: {axes: [experts, train_size]}   # a grid per axis after the search (study/design.py)
     scheduler: {type: asha, grace_epochs: 1, reduction_factor: 3}
     sampler: tpe                 # or grid (every combination of choices), random
 
@@ -28,6 +29,7 @@ import yaml
 from pydantic import ConfigDict, Field, model_validator
 
 from hilomoe.config import ConfigError, Strict, TrainConfig, load_config, parse_config
+from hilomoe.study.design import LawDesign, check_design
 
 
 class Domain(Strict):
@@ -104,6 +106,8 @@ class StudySpec(Strict):
         "tpe", description="tpe: Optuna's TPE (MOTPE for two objectives); grid: every "
         "combination of the choices once, in budget.trials trials at most; random")
     seed: int = 0
+    laws: LawDesign = Field(default_factory=LawDesign, description="axes that must end with "
+                            "a fitted scaling law: a grid along each after the search")
     repeats: int = Field(
         1, ge=1, description="training seeds behind the verdict: after the search, the best "
         "baseline and the HiLoMoE frontier train again with seeds seed+1 .. seed+repeats-1, and "
@@ -148,6 +152,7 @@ def _check_space(spec: StudySpec, source: str) -> None:
 def parse_study(raw: Any, source: str = "study") -> StudySpec:
     spec = parse_config(raw, source, StudySpec)
     _check_space(spec, source)
+    check_design(spec.laws, spec.train, source)
     return spec
 
 
@@ -162,4 +167,5 @@ def load_study(path: str | Path) -> StudySpec:
                               f"file with a name and a space (see studies/quickstart.yaml).") from None
         raise
     _check_space(spec, str(path))
+    check_design(spec.laws, spec.train, str(path))
     return spec

@@ -28,7 +28,7 @@ from typing import Iterable
 import numpy as np
 
 from hilomoe.study.pareto import best, number, pareto_front, usable
-from hilomoe.study.space import REPEAT_OF
+from hilomoe.study.space import FIXED, REPEAT_OF
 
 BASELINE, MODEL = "dense", "hilomoe"
 BOOTSTRAP = 2000  # seed resamples for the FLOPs ratio's interval
@@ -61,7 +61,8 @@ def repeat_points(records: list[dict], repeats: int, top: int) -> list[dict]:
         seed0 = int(target.get("seed") or 0)
         for seed in range(seed0 + 1, seed0 + repeats):
             if (target["trial_id"], seed) not in done:
-                out.append({**target["params"], "seed": seed, REPEAT_OF: target["trial_id"]})
+                out.append({FIXED: {**target["params"], "seed": seed},
+                            REPEAT_OF: target["trial_id"]})
     return out
 
 
