@@ -252,7 +252,7 @@ def test_every_shipped_study_file_is_valid():
     names = {load_study(f).name for f in files if f.name != "train_example.yaml"}
     assert names == {"quickstart", "expert_scaling", "depth_scaling", "rank_ablation",
                      "routing_ablation", "stage_ablation", "paper_replication", "smoke",
-                     "criteo_like"}
+                     "criteo_like", "data_scaling"}
 
 
 def _engine(cfg):

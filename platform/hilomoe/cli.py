@@ -431,6 +431,7 @@ def _print_study(summary: dict) -> None:
 def cmd_study_report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from hilomoe.study.recommend import load_recommendations
     from hilomoe.study.report import write_report
     from hilomoe.study.records import load_records
 
@@ -448,7 +449,8 @@ def cmd_study_report(args: argparse.Namespace) -> int:
         records, parent = mlflow_records(args.target)
         title = args.target
         out_dir = Path(args.out or Path("reports") / args.target)
-    report = write_report(records, out_dir, title=title)
+    report = write_report(records, out_dir, title=title,
+                          recommendations=load_recommendations(target) if parent is None else None)
     if parent is not None:
         from hilomoe.study.tracking import Tracker
 
@@ -462,6 +464,44 @@ def cmd_study_report(args: argparse.Namespace) -> int:
         return 0
     out.print(f"{len(records)} trials; report written to {report.markdown}"
               f"{' and logged to MLflow' if parent else ''}", highlight=False)
+    return 0
+
+
+def cmd_study_recommend(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from hilomoe.study.driver import StudyRun
+    from hilomoe.study.recommend import load_recommendations, recommend, save, verify
+    from hilomoe.study.records import load_records
+    from hilomoe.study.report import write_report
+
+    if not args.flops > 0:
+        raise HilomoeError(f"--flops: must be a positive number of FLOPs per sample, got "
+                           f"{args.flops:g}")
+    run = StudyRun.load(args.study_dir)
+    rec = recommend(run, args.flops)
+    if args.verify:
+        verify(run, rec)
+    save(run, rec)
+    study_dir = Path(run.study_dir)  # the report gains the recommendation
+    write_report(load_records(study_dir), study_dir / "report", title=run.study.name,
+                 recommendations=load_recommendations(study_dir))
+    if args.json:
+        _emit_json(rec.as_dict())
+        return 0
+    ci = "" if rec.interval is None else f" [{rec.interval[0]:.4f}, {rec.interval[1]:.4f}]"
+    out.print(f"within {args.flops:,.0f} FLOPs per sample: {rec.source}"
+              f"{' (extrapolated past the values tried)' if rec.extrapolated else ''}, "
+              f"{rec.flops:,.0f} FLOPs, predicted valid AUC {rec.predicted_auc:.4f}{ci} (95%)",
+              highlight=False)
+    out.print("settings: " + ", ".join(f"{k}={v}" for k, v in rec.settings.items()),
+              highlight=False)
+    if rec.achieved is not None:
+        inside = rec.within_interval()
+        out.print(f"verified: achieved valid AUC {rec.achieved['valid_auc']:.4f} against "
+                  f"{rec.predicted_auc:.4f} predicted"
+                  f"{'' if inside is None else ' (inside the interval)' if inside else ' (outside the interval)'}",
+                  highlight=False)
     return 0
 
 
@@ -811,6 +851,19 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("target", metavar="STUDY_DIR_OR_MLFLOW_EXPERIMENT")
     rp.add_argument("--out", metavar="DIR", help="where to write the report (default: "
                     "STUDY_DIR/report, or reports/EXPERIMENT)")
+    rc = _command(
+        study_sub, "recommend", cmd_study_recommend, config=False,
+        help="the configuration a study predicts is best within a FLOPs budget",
+        description="From a finished study's fitted scaling laws (its `laws` design axes) and "
+                    "its frontier: the configuration predicted to reach the best validation "
+                    "AUC within --flops FLOPs per sample, with a 95% interval. --verify trains "
+                    "it and prints predicted against achieved; every recommendation is kept in "
+                    "the study directory and compared in its report.",
+        example="hilomoe study recommend runs/quickstart --flops 20000 --verify",
+    )
+    rc.add_argument("study_dir", metavar="STUDY_DIR")
+    rc.add_argument("--flops", type=float, required=True, help="FLOPs per sample, at most")
+    rc.add_argument("--verify", action="store_true", help="train the recommendation")
     ui = sub.add_parser(
         "ui", help="open the MLflow UI on the tracking store",
         description="Start the MLflow UI on the store studies log to: MLFLOW_TRACKING_URI, or "

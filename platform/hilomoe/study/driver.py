@@ -280,6 +280,7 @@ def _phase_points(spec: StudySpec, phase: str, records: list[dict]) -> list[dict
 
 def _conclude(run: StudyRun, tracker, wall_s: float) -> dict:
     """Report, best model and summary: what the study found, in files and in MLflow."""
+    from hilomoe.study.recommend import load_recommendations
     from hilomoe.study.report import write_report
 
     spec = run.study
@@ -290,7 +291,8 @@ def _conclude(run: StudyRun, tracker, wall_s: float) -> dict:
     # sampled another in its place): its MLflow run ends as KILLED, not RUNNING forever
     tracker.close_orphans({r["trial_id"] for r in everything})
     report = write_report(everything, study_dir / "report", title=spec.name,
-                          meta={"description": spec.description} if spec.description else None)
+                          meta={"description": spec.description} if spec.description else None,
+                          recommendations=load_recommendations(study_dir))
     best = best_record(spec, records)
     if best is not None and best.get("checkpoint"):
         _log_best_model(run, tracker, best)

@@ -74,7 +74,7 @@ class Report:
 
 
 def write_report(records: list[dict], out_dir: Path, title: str,
-                 meta: dict | None = None) -> Report:
+                 meta: dict | None = None, recommendations: list[dict] | None = None) -> Report:
     """Compute the frontier, the ROI headline and the scaling laws; write the page and plots.
 
     `meta` (optional) is shown as a key/value list under the title (dataset, date, ...).
@@ -103,7 +103,7 @@ def write_report(records: list[dict], out_dir: Path, title: str,
                     plot_scaling(fit, stage / f"scaling_{axis}.png")
                     drawn.append(f"scaling_{axis}.png")
         text = markdown(title, meta, records, front, headline, fits, counts, drawn, noise,
-                        joint)
+                        joint, recommendations or [])
         (stage / "report.md").write_text(text, encoding="utf-8")
         for name in [*drawn, "report.md"]:
             os.replace(stage / name, out_dir / name)
@@ -137,7 +137,8 @@ def trial_counts(records: list[dict]) -> dict:
 
 def markdown(title: str, meta: dict | None, records: list[dict], front: list[dict],
              headline: Roi | str, fits: dict[str, AxisFit], counts: dict,
-             plots: list[str], noise: Headline | str = "", joint: JointFit | None = None) -> str:
+             plots: list[str], noise: Headline | str = "", joint: JointFit | None = None,
+             recommendations: list[dict] = ()) -> str:
     """The whole page; `plots` are the image file names drawn next to it."""
     lines = [f"# {title}", ""]
     for key, value in (meta or {}).items():
@@ -162,6 +163,8 @@ def markdown(title: str, meta: dict | None, records: list[dict], front: list[dic
         lines += _scaling_section(fits, plots)
         if joint is not None and len(set(joint.d)) > 1:
             lines += _joint_section(joint)
+    if recommendations:
+        lines += _recommendation_section(recommendations)
     lines += _counts_section(counts)
     return "\n".join(lines).rstrip() + "\n"
 
@@ -239,6 +242,25 @@ def _joint_section(joint: JointFit) -> list[str]:
     lines.append(f"Held-out (fitted below the largest third of N*D): MAE "
                  f"{joint.heldout_mae:.4f} AUC." if joint.heldout_mae is not None
                  else f"Held-out: skipped, {joint.heldout_reason}.")
+    return lines + [""]
+
+
+def _recommendation_section(recommendations: list[dict]) -> list[str]:
+    lines = ["## Recommendations", "",
+             "Every `hilomoe study recommend` so far: the configuration predicted best within "
+             "a FLOPs budget, its predicted validation AUC (95% interval), and what training it "
+             "achieved (`--verify`).", "",
+             "| FLOPs budget | from | FLOPs | predicted AUC | achieved AUC | inside |",
+             "|---:|---|---:|---|---:|---|"]
+    for r in recommendations:
+        ci = r.get("interval")
+        predicted = _estimate(r["predicted_auc"], tuple(ci) if ci else None)
+        achieved = (r.get("achieved") or {}).get("valid_auc")
+        inside = ("" if achieved is None or not ci
+                  else "yes" if ci[0] <= achieved <= ci[1] else "no")
+        lines.append(_row(si(r["flops_budget"]), r["source"] + (" (extrapolated)" if
+                          r.get("extrapolated") else ""), si(r["flops"]), predicted,
+                          "-" if achieved is None else f"{achieved:.4f}", inside))
     return lines + [""]
 
 
