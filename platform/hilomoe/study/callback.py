@@ -19,6 +19,7 @@ from ray.tune import Callback
 from hilomoe.study.driver import EVENTS_FILE, RUNS_FILE, StudyRun
 from hilomoe.study.records import save_record, trial_record, write_json
 from hilomoe.study.design import DESIGN_AXIS
+from hilomoe.study.diagnostics import flat
 from hilomoe.study.space import REPEAT_OF, SearchSpace
 
 EPOCH_PREFIXES = ("train_", "valid_")
@@ -144,6 +145,7 @@ class StudyCallback(Callback):
                                         "test_logloss", "flops", "params_total", "params_active",
                                         "params_embedding", "epochs", "train_seconds",
                                         "stage1_seconds")}
+        final.update(flat(record))
         status = {"completed": "FINISHED", "pruned": "KILLED"}.get(record["status"], "FAILED")
         live["tracker"].finish_trial(trial.trial_id, numeric(final), status=status, record=record)
         self._event({"kind": "trial_end", "trial_id": trial.trial_id, "record": record})

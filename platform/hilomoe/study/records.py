@@ -6,7 +6,8 @@
      "valid_auc", "valid_logloss", "test_auc", "test_logloss",      # test: completed only
      "flops", "params_total", "params_active", "params_embedding",   # per sample, analytic
      "epochs", "train_seconds", "stage1_reused", "stage1_seconds", "trial_reused", "trial_saved_s",
-     "checkpoint"}
+     "checkpoint",
+     "stage_auc", "overfit_gap", "routing"}                           # study/diagnostics.py
 
 A replayed trial (`trial_reused`: its configuration was trained before) trained nothing: its
 `train_seconds` is 0 and `trial_saved_s` what the original took.
@@ -21,6 +22,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from hilomoe.study.diagnostics import diagnostics
 from hilomoe.study.spec import StudySpec
 from hilomoe.study.trial import trial_cost
 
@@ -58,6 +60,7 @@ def trial_record(trial_id: str, params: dict, cfg, schema, results: list[dict], 
         "trial_saved_s": float(last.get("trial_saved_s") or 0.0),
         "stage1_seconds": float(last.get("stage1_seconds") or 0.0),
         "checkpoint": checkpoint,
+        **diagnostics(results),
     }
 
 

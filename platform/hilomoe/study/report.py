@@ -14,6 +14,7 @@ one, never a half-written file or a Markdown page linking to a missing image.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import statistics
@@ -102,6 +103,9 @@ def write_report(records: list[dict], out_dir: Path, title: str,
                 if fit.law is not None:
                     plot_scaling(fit, stage / f"scaling_{axis}.png")
                     drawn.append(f"scaling_{axis}.png")
+            if diagnosed(points):
+                plot_utilisation(diagnosed(points), stage / "utilisation.png")
+                drawn.append("utilisation.png")
         text = markdown(title, meta, records, front, headline, fits, counts, drawn, noise,
                         joint, recommendations or [])
         (stage / "report.md").write_text(text, encoding="utf-8")
@@ -163,6 +167,7 @@ def markdown(title: str, meta: dict | None, records: list[dict], front: list[dic
         lines += _scaling_section(fits, plots)
         if joint is not None and len(set(joint.d)) > 1:
             lines += _joint_section(joint)
+        lines += _diagnostics_section(points, "utilisation.png" in plots)
     if recommendations:
         lines += _recommendation_section(recommendations)
     lines += _counts_section(counts)
@@ -245,6 +250,45 @@ def _joint_section(joint: JointFit) -> list[str]:
     return lines + [""]
 
 
+def diagnosed(points: list[dict], top: int = 12) -> list[dict]:
+    """The best `top` HiLoMoE trials that routed (their diagnostics), by validation AUC."""
+    moe = [r for r in points if r.get("variant") == MODEL and (r.get("routing") or {}).get(
+        "utilisation")]
+    return sorted(moe, key=lambda r: -float(r["valid_auc"]))[:top]
+
+
+def _diagnostics_section(points: list[dict], plotted: bool) -> list[str]:
+    rows = diagnosed(points)
+    base = best(r for r in points if r.get("variant") == BASELINE)
+    if not rows:
+        return []
+    lines = ["## Diagnostics", "",
+             f"Why {MODEL} won or lost: validation AUC after each stage (the experts on a "
+             "frozen base, then joint fine-tuning), the gap between validation logloss and the "
+             "training loss of the final model (large: it overfits), the distinct expert paths "
+             "per batch and the routing entropy over log K (1: uniform routing).", "",
+             "| trial | L x K | base | experts | joint | joint - base | train-valid gap | paths "
+             "| entropy / log K |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in ([base] if base is not None else []) + rows:
+        stage = r.get("stage_auc") or {}
+        routing = r.get("routing") or {}
+        ent = [e for e in routing.get("entropy") or [] if e is not None]
+        k = number(r.get("experts")) or 0
+        rel = (f"{statistics.fmean(ent) / math.log(k):.2f}" if ent and k > 1 else "-")
+        gain = (f"{stage['joint'] - stage['base']:+.4f}" if "joint" in stage and "base" in stage
+                else "-")
+        gap = number(r.get("overfit_gap"))
+        lines.append(_row(f"`{r.get('trial_id')}`" + (f" ({BASELINE})" if r is base else ""),
+                          "-" if r is base else f"{r.get('levels')} x {r.get('experts')}",
+                          *(f"{stage[s]:.4f}" if s in stage else "-"
+                            for s in ("base", "experts", "joint")),
+                          gain, "-" if gap is None else f"{gap:+.4f}",
+                          "-" if routing.get("paths") is None else f"{routing['paths']:.0f}", rel))
+    if plotted:
+        lines += ["", "![per-level expert utilisation](utilisation.png)"]
+    return lines + [""]
+
+
 def _recommendation_section(recommendations: list[dict]) -> list[str]:
     lines = ["## Recommendations", "",
              "Every `hilomoe study recommend` so far: the configuration predicted best within "
@@ -312,6 +356,33 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def plot_utilisation(rows: list[dict], path: Path) -> Path:
+    """A heatmap: trials (rows) by level (columns), the share of the level's experts used."""
+    plt = _pyplot()
+    levels = max(len(r["routing"]["utilisation"]) for r in rows)
+    grid = np.full((len(rows), levels), np.nan)
+    for i, r in enumerate(rows):
+        util = r["routing"]["utilisation"]
+        grid[i, :len(util)] = util
+    fig, ax = plt.subplots(figsize=(1.6 + 0.9 * levels, 1.2 + 0.38 * len(rows)))
+    try:
+        image = ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
+        for (i, j), value in np.ndenumerate(grid):
+            if np.isfinite(value):
+                ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7,
+                        color="white" if value < 0.6 else "black")
+        ax.set_xticks(range(levels), [f"level {j + 1}" for j in range(levels)])
+        ax.set_yticks(range(len(rows)), [f"{r.get('trial_id')} (L{r.get('levels')} "
+                                         f"K{r.get('experts')})" for r in rows], fontsize=7)
+        ax.set_title("experts used per level (validation)")
+        fig.colorbar(image, ax=ax, fraction=0.05)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+    finally:
+        plt.close(fig)
+    return path
 
 
 def plot_pareto(records: list[dict], headline: Roi | str, path: Path) -> Path:
