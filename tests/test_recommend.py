@@ -84,7 +84,7 @@ def test_bad_requests_get_one_sentence(tmp_path):
     with pytest.raises(HilomoeError, match=r"--flops 10: below every trial's FLOPs per sample"):
         recommend(run, 10)
     bare = make_study(tmp_path / "bare", with_design=False)
-    with pytest.raises(HilomoeError, match="no identified scaling law along a model axis"):
+    with pytest.raises(HilomoeError, match="no identified scaling law to recommend from"):
         recommend(bare, 1e9)
     res = hilomoe("study", "recommend", str(bare.study_dir), "--flops", "1e9", check=False)
     assert res.returncode != 0 and "no identified scaling law" in res.stderr

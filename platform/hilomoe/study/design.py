@@ -15,8 +15,8 @@ time the same way). The axes:
     mlp_width   the MLP's widths, scaled          model.backbone.mlp (every layer times a factor)
     train_size  a fraction of the train split     data.train_fraction (nested subsets)
 
-A design point is a trial like any other, with `design_axis` in its record; a point whose
-configuration was already trained (the best point itself, at its own value) replays it.
+A design point is a trial like any other, with `design_axis` in its record. The best point
+itself, at its own value, is not trained again: it is the grid's point at that value.
 """
 
 from __future__ import annotations
@@ -114,10 +114,18 @@ def design_points(design: LawDesign, fixed: TrainConfig, records: list[dict]) ->
         return []
     done = {(r[DESIGN_AXIS], config_key(fixed.with_overrides(**r["params"])))
             for r in records if r.get(DESIGN_AXIS)}
+    own = config_key(fixed.with_overrides(**center["params"]))  # the center is a grid point
     out = []
     for axis in design.axes:
         for value in design.grid(axis):
             settings = settings_at(dict(center["params"]), axis, value, fixed)
-            if (axis, config_key(fixed.with_overrides(**settings))) not in done:
+            key = config_key(fixed.with_overrides(**settings))
+            if key != own and (axis, key) not in done:
                 out.append({FIXED: settings, DESIGN_AXIS: axis})
     return out
+
+
+def design_base(designed: list[dict], axis: str) -> dict:
+    """The settings a design's grid points share: their center's params (scaling.py finds the
+    center among the trials by them: it is a grid point that was trained before)."""
+    return {k: v for k, v in designed[0]["params"].items() if k != SETTING[axis]}

@@ -5,7 +5,8 @@ predict is best within a FLOPs budget, and its verification.
     rec.settings, rec.predicted_auc, rec.interval     # what to train, and what to expect
     verify(run, rec)                                  # trains it; recorded with the prediction
 
-Candidates, each with a predicted validation AUC and a 95% interval:
+The study needs at least one identified law of its design (study/design.py). Candidates, each
+with a predicted validation AUC and a 95% interval:
 - along each identified law of a design axis (study/design.py): the best trial's settings with
   the axis at the largest value whose FLOPs per sample fit the budget, up to twice the largest
   value tried; AUC and interval from the law and its band (law.auc, law.band);
@@ -84,20 +85,22 @@ def recommend(run, flops: float) -> Recommendation:
 
     candidates = []
     center = design_center(records)
-    axes = {r.get(DESIGN_AXIS) for r in records} - {None, "train_size"}
+    axes = {r.get(DESIGN_AXIS) for r in records} - {None}
     fitted = 0
     for axis in sorted(axes):
         fit = fit_axis(done, DESIGN_FIELD[axis], center.get("variant") if center else MODEL)
         if not fit.identified:
             continue
         fitted += 1
+        if axis == "train_size":  # a law in data says what more rows buy, not which model
+            continue
         candidate = _along_law(fit, axis, center, cost, flops, ctx)
         if candidate is not None:
             candidates.append(candidate)
     if not fitted:
-        raise HilomoeError(f"{study_dir}: no identified scaling law along a model axis to "
-                           f"recommend from; declare `laws: {{axes: [experts]}}` (or levels, "
-                           f"rank, mlp_width) in the study and run it again.")
+        raise HilomoeError(f"{study_dir}: no identified scaling law to recommend from; declare "
+                           f"`laws: {{axes: [experts]}}` (or levels, rank, mlp_width, "
+                           f"train_size) in the study and run it again.")
     frontier = _best_trial(records, flops)
     if frontier is not None:
         candidates.append(frontier)

@@ -34,6 +34,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from hilomoe.study.design import SETTING, design_base
 from hilomoe.study.pareto import number, usable
 
 #: Record field -> what it is called in the report.
@@ -211,7 +212,12 @@ def axis_points(records: Iterable[dict], axis: str,
     points = [r for r in usable(records, axis) if r.get("variant") == variant]
     designed = [r for r in points if DESIGN_FIELD.get(r.get("design_axis")) == axis]
     if designed:  # a grid along this axis, all else fixed: exactly the law's points
-        points = designed
+        name = designed[0]["design_axis"]
+        base = design_base(designed, name)
+        center = [r for r in points if not r.get("design_axis")
+                  and {k: v for k, v in r.get("params", {}).items() if k != SETTING[name]} == base
+                  and not r.get("repeat_of")]
+        points = designed + center[:1]
     elif axis != "train_rows":  # a model-size law is at the whole training set
         points = [r for r in points if (number(r.get("train_fraction")) or 1.0) >= 1.0]
     if axis in ENVELOPE_AXES and not designed:
