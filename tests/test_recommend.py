@@ -73,7 +73,7 @@ def test_the_largest_k_within_the_budget_is_recommended_with_the_laws_interval(t
     lo, hi = rec.interval
     assert lo < rec.predicted_auc < hi and abs(rec.predicted_auc - law_auc(20)) < 2e-3
     # the frontier's best trial within the budget was a candidate, and lost to the law
-    assert any(c["source"] == "trial k16" for c in rec.candidates)
+    assert any(c["source"] == "trial k16" and c["interval"] is None for c in rec.candidates)
     # past the values tried: extrapolated, and said so
     far = recommend(run, flops[100])
     assert far.settings["model.moe.experts"] == 100 and far.extrapolated
@@ -104,3 +104,27 @@ def test_verify_trains_the_recommendation_and_the_report_compares_them(tmp_path)
     row = next(line for line in text.splitlines() if line.startswith("| 1G |"))
     assert f"{res['achieved']['valid_auc']:.4f}" in row and "law along experts" in row
     json.dumps(res)
+
+
+def test_a_trials_interval_uses_the_seed_spread_pooled_over_the_studys_repeats():
+    from scipy import stats
+
+    from hilomoe.study.recommend import _best_trial
+
+    def r(tid, flops, auc, repeat_of=None):
+        out = {"trial_id": tid, "status": "completed", "flops": flops, "valid_auc": auc,
+               "params": {"seed": 0}}
+        return {**out, "repeat_of": repeat_of} if repeat_of else out
+
+    records = [r("a", 10, 0.80), r("a1", 10, 0.82, "a"), r("b", 20, 0.85),
+               r("b1", 20, 0.83, "b"), r("b2", 20, 0.87, "b"), r("c", 5, 0.90)]
+    pooled = ((0.0002 * 1 + 0.0004 * 2) / 3) ** 0.5  # var(a) = 2e-4, var(b) = 4e-4
+    c = _best_trial(records, 100)
+    assert c["source"] == "trial c"
+    assert c["interval"] == pytest.approx([0.90 - stats.t.ppf(0.975, 3) * pooled,
+                                           0.90 + stats.t.ppf(0.975, 3) * pooled])
+    assert _best_trial(records, 4) is None  # nothing within the budget
+    only_b = _best_trial([x for x in records if x["trial_id"] != "c"], 100)
+    half = stats.t.ppf(0.975, 3) * pooled / 3 ** 0.5
+    assert only_b["source"] == "trial b (3 seeds)"
+    assert only_b["interval"] == pytest.approx([0.85 - half, 0.85 + half])

@@ -11,7 +11,7 @@ with a predicted validation AUC and a 95% interval:
   the axis at the largest value whose FLOPs per sample fit the budget, up to twice the largest
   value tried; AUC and interval from the law and its band (law.auc, law.band);
 - the best completed trial within the budget (the frontier): its mean AUC over its repeats,
-  with a t interval when it was repeated.
+  with a t interval on the study's pooled seed spread (when the study has repeats).
 The recommendation is the candidate with the best predicted AUC. Every recommendation, and its
 verification when `--verify` trained it, is appended to `recommendations.jsonl` in the study
 directory; the report compares them.
@@ -145,7 +145,9 @@ def _along_law(fit, axis: str, center: dict, cost, flops: float, ctx) -> dict | 
 
 
 def _best_trial(records: list[dict], flops: float) -> dict | None:
-    """The completed trial with the best mean AUC (over its repeats) within the budget."""
+    """The completed trial with the best mean AUC (over its repeats) within the budget. Its
+    interval is Student's t on the seed spread pooled over every repeated trial of the study
+    (a single run's interval too: seed noise is what makes one run differ from the next)."""
     runs: dict[str, list[dict]] = {}
     for r in usable(records):
         runs.setdefault(r.get(REPEAT_OF) or r["trial_id"], []).append(r)
@@ -155,14 +157,18 @@ def _best_trial(records: list[dict], flops: float) -> dict | None:
     tid, group = max(fits, key=lambda g: statistics.fmean(r["valid_auc"] for r in g[1]))
     aucs = [float(r["valid_auc"]) for r in group]
     mean, interval = statistics.fmean(aucs), None
-    if len(aucs) > 1:
+    repeated = [[float(r["valid_auc"]) for r in g] for g in runs.values() if len(g) > 1]
+    dof = sum(len(g) - 1 for g in repeated)
+    if dof:
         from scipy import stats
 
-        half = stats.t.ppf(0.975, len(aucs) - 1) * statistics.stdev(aucs) / math.sqrt(len(aucs))
+        pooled = math.sqrt(sum((len(g) - 1) * statistics.variance(g) for g in repeated) / dof)
+        half = stats.t.ppf(0.975, dof) * pooled / math.sqrt(len(aucs))
         interval = [mean - half, mean + half]
     original = next(r for r in group if not r.get(REPEAT_OF))
-    return {"source": f"trial {tid}", "settings": original["params"],
-            "flops": number(original["flops"]), "predicted_auc": mean, "interval": interval}
+    return {"source": f"trial {tid}" + (f" ({len(aucs)} seeds)" if len(aucs) > 1 else ""),
+            "settings": original["params"], "flops": number(original["flops"]),
+            "predicted_auc": mean, "interval": interval}
 
 
 def verify(run, rec: Recommendation) -> Recommendation:
