@@ -419,6 +419,17 @@ def _print_study(summary: dict) -> None:
         out.print(f"best trial {best['trial_id']}: valid auc {m['valid_auc']:.4f}, test auc "
                   f"{m['test_auc']:.4f}, {m['flops']:,.0f} FLOPs/sample ({params})",
                   highlight=False)
+    h = summary.get("headline") or {}
+    if "verdict" in h:
+        ci = h.get("auc_diff_ci")
+        interval = f" [{ci[0]:+.4f}, {ci[1]:+.4f}] (95%)" if ci else ""
+        out.print(f"verdict over {h['seeds']} seed(s): {h['verdict']} (hilomoe minus dense, "
+                  f"{h['metric']}: {h['auc_diff']:+.4f}{interval})", highlight=False)
+    for axis, law in (summary.get("laws") or {}).items():
+        mae = law.get("heldout_mae")
+        state = ("identified" if law["identified"] else f"not identified ({law['reason']})")
+        out.print(f"law along {axis}: {state}"
+                  f"{'' if mae is None else f', held-out error {mae:.4f} AUC'}", highlight=False)
     out.print(_table("Pareto set (validation AUC vs FLOPs per sample)",
                      ["variant", "trial", "auc", "FLOPs"],
                      [[p["variant"], p["trial_id"], p["auc"], p["flops"]]
