@@ -1,11 +1,14 @@
 """The driver of `hilomoe study run`: Ray Tune with Optuna over the study's space, every trial's
-three-stage training, MLflow tracking, and the report at the end.
+three-stage training, MLflow tracking, and the report at the end. Three phases, each a Tuner:
+the search; the scaling-law grids of `laws` (study/design.py); the repeats of the baseline and
+the HiLoMoE frontier with more seeds (study/verdict.py).
 
     summary = run_study(load_study("studies/quickstart.yaml"), "runs/quickstart")
     summary = run_study(spec, "runs/quickstart", resume=True)      # after the driver died
 
 The study directory holds `study.json` (the resolved study, the dataset and the MLflow parent
-run), Tune's own state and trial checkpoints (`tune/`), one record per finished trial
+run), Tune's own state and trial checkpoints per phase (`tune/`, `tune_design/`,
+`tune_repeats/`), one record per finished trial
 (`trials/<id>.json`), an event log (`events.jsonl`), `result.json` and `report/`. Every trial
 event reaches MLflow through one `Tracker` in this process, never from the trials themselves, so
 a tracking server that goes away costs buffered metrics, not trials.
@@ -28,8 +31,8 @@ from hilomoe.errors import HilomoeError
 from hilomoe.study.space import SearchSpace
 from hilomoe.study.spec import StudySpec, parse_study
 from hilomoe.study.records import best_record, load_records, write_json
-from hilomoe.study.trial import TRIAL_CPU, TrialContext, run_trial
 from hilomoe.study.design import design_points
+from hilomoe.study.trial import TRIAL_CPU, TrialContext, run_trial
 from hilomoe.study.verdict import MODEL, repeat_points, search_records
 
 RUNS_FILE = "mlflow_runs.json"  # trial id -> MLflow child run (kept by the study's callback)
@@ -249,7 +252,7 @@ def _drive(run: StudyRun, resume: bool, console: Callable[[dict], None] | None,
             _tuner(run, StudyCallback(run.study_dir), resume).fit()
             for phase in ("design", "repeats"):
                 points = _phase_points(spec, phase, load_records(run.study_dir))
-                if points or (resume and (Path(run.study_dir) / PHASE_DIRS[phase]).is_dir()):
+                if points or (resume and _restorable(run, phase)):
                     if console:
                         console({"kind": "phase", "message": _PHASE_LINES[phase].format(
                             n=len(points), axes=", ".join(spec.laws.axes),
@@ -270,6 +273,13 @@ _PHASE_LINES = {
     "design": "scaling-law grids along {axes}: {n} trials",
     "repeats": "the baseline and the {model} frontier again with {seeds} seeds: {n} trials",
 }
+
+
+def _restorable(run: StudyRun, phase: str) -> bool:
+    """A phase a killed driver had started: its Tuner continues (its unfinished points)."""
+    from ray import tune
+
+    return tune.Tuner.can_restore(str(Path(run.study_dir) / PHASE_DIRS[phase]))
 
 
 def _phase_points(spec: StudySpec, phase: str, records: list[dict]) -> list[dict]:
