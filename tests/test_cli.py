@@ -51,9 +51,18 @@ def test_model_summary_reads_the_datasets_vocabularies(tmp_path):
     assert "9 categorical fields (45,000 embedding rows)" in out and "per worker" in out
 
 
-@pytest.mark.slow
-def test_train_local_json_on_the_example():
-    proc = hilomoe("train", EXAMPLE, "--local", "--json")
+def test_train_local_json(tmp_path):
+    """The JSON summary and the progress on stderr (the README runs the full example)."""
+    import yaml
+
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "data": {"synth": {"rows": 6000, "categorical_fields": 4, "vocab_size": 10,
+                           "numeric_fields": 1}},
+        "model": {"embedding_dim": 4, "backbone": {"mlp": [8], "cross_layers": 1},
+                  "moe": {"levels": 2, "experts": 4, "top_k": 2}},
+        "stages": {"base": {"epochs": 2}, "experts": {"epochs": 1}, "joint": {"epochs": 1}}}))
+    proc = hilomoe("train", str(cfg), "--local", "--json")
     res = one_json(proc.stdout)
     assert list(res["stages"]) == ["base", "experts", "joint"]
     for stage in res["stages"].values():
