@@ -58,7 +58,7 @@ def run(study: str, trials: int | None = None) -> dict:
 
 def measure(summary: dict, events: list[dict], t0: float, t1: float, concurrency: int) -> dict:
     """The overhead figures from a study's summary and event log (times in seconds)."""
-    records = summary["trials"]
+    records = summary["trials"] + summary.get("repeats", [])  # every trial the study trained
     starts = {e["trial_id"]: e["time"] for e in events if e["kind"] == "trial_start"}
     ends = {e["trial_id"]: e["time"] for e in events if e["kind"] == "trial_end"}
     train_s = sum(r["train_seconds"] or 0.0 for r in records)
