@@ -122,6 +122,17 @@ def test_a_study_runs_trials_shares_stage_1_tracks_mlflow_and_reports(workdir):
     assert summary["stage1_reused"] == sum(t["stage1_reused"] for t in trials) == 3
     assert summary["trials_reused"] == 0
     assert summary["stage1_saved_s"] > 0
+    # the plan came first (plan.json); the run records the actual against it, per phase too
+    plan = json.loads((Path(summary["study_dir"]) / "plan.json").read_text())
+    cost = summary["plan"]
+    assert cost["wall_s"]["predicted"] == plan["wall_s"] > 0
+    assert cost["wall_s"]["actual"] == pytest.approx(
+        summary["wall_s"] - plan["calibration"]["seconds"])
+    assert cost["error"] == pytest.approx(plan["wall_s"] / cost["wall_s"]["actual"] - 1)
+    search = cost["phases"][0]
+    assert search["phase"] == "search" and search["trials"] == {"predicted": 4, "actual": 4}
+    assert 0 < search["wall_s"]["actual"] < cost["wall_s"]["actual"]
+    assert [p["trials"]["actual"] for p in cost["phases"][1:]] == [0, 0]
     best = max(trials, key=lambda t: t["valid_auc"])
     assert summary["best"]["trial_id"] == best["trial_id"]
     assert summary["best"]["metrics"]["valid_auc"] == best["valid_auc"]
@@ -131,7 +142,7 @@ def test_a_study_runs_trials_shares_stage_1_tracks_mlflow_and_reports(workdir):
         assert not any(t["valid_auc"] > p["auc"] and t["flops"] < p["flops"] for t in trials)
 
     study_dir = Path(summary["study_dir"])
-    assert (study_dir / "report" / "report.md").is_file()
+    assert "## Cost: planned against actual" in (study_dir / "report" / "report.md").read_text()
     assert (study_dir / "report" / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # MLflow: one parent, one child per trial, per-stage epoch metrics, the best model
@@ -172,6 +183,7 @@ def test_a_study_runs_trials_shares_stage_1_tracks_mlflow_and_reports(workdir):
     # the report again, from the study directory and from the MLflow experiment
     again = one_json(hilomoe("study", "report", str(study_dir), "--json").stdout)
     assert again["trials"] == 4 and again["pareto"] == summary["pareto"]
+    assert "## Cost: planned against actual" in (study_dir / "report" / "report.md").read_text()
     from_mlflow = one_json(hilomoe("study", "report", "tiny", "--json").stdout)
     assert from_mlflow["pareto"] == rerun["pareto"]  # the experiment's latest study
     assert Path(from_mlflow["markdown"]).is_file()
@@ -278,6 +290,10 @@ def test_a_killed_study_driver_resumes_without_rerunning_finished_trials(workdir
     retrained = {e["trial_id"] for e in events
                  if e["time"] > mark and e["kind"] == "result" and not e["reused"]}
     assert not retrained & finished  # no epoch of a finished trial ran again
+    # the plan the first driver made before its first trial is the plan the study keeps
+    plan = json.loads((out / "plan.json").read_text())
+    assert summary["plan"]["wall_s"]["predicted"] == plan["wall_s"] > 0
+    assert summary["plan"]["resumed"] is True and summary["plan"]["calibration_s"] == 0.0
     # MLflow: still one parent run, one child per trial
     c = client(summary["tracking_uri"])
     exp = c.get_experiment_by_name("tiny")

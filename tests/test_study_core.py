@@ -363,4 +363,10 @@ def test_overhead_is_the_share_of_slot_time_not_spent_training():
     assert m["startup_s"] == 2.0 and m["tail_s"] == 8.0
     assert m["trial_overhead_s"] == pytest.approx((30 + 20) - 45)  # trial wall - training
     assert m["idle_slot_s"] == pytest.approx(80 - 50)  # slot-seconds with no trial
+    assert m["plan_s"] == 0.0 and m["planned_wall_s"] is None and m["plan_error"] is None
     assert json.dumps(m)
+    # the plan's calibration (the first 2 s here) is not part of the study it predicts
+    planned = {**summary, "plan": {"calibration_s": 2.0, "wall_s": {"predicted": 57.0}}}
+    m = measure(planned, events, t0=8.0, t1=50.0, concurrency=2)
+    assert m["wall_s"] == 40.0 and m["startup_s"] == 2.0 and m["plan_s"] == 2.0
+    assert m["planned_wall_s"] == 57.0 and m["plan_error"] == pytest.approx(17 / 40)

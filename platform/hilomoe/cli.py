@@ -382,16 +382,8 @@ def cmd_study_run(args: argparse.Namespace) -> int:
     from hilomoe.study.console import TrialTable
     from hilomoe.study.driver import run_study
     from hilomoe.study.space import SearchSpace
-    from hilomoe.study.spec import load_study, parse_study
 
-    spec = load_study(args.study)
-    budget = {"trials": args.trials, "concurrency": args.concurrency,
-              "cpus_per_trial": args.cpus_per_trial, "gpus_per_trial": args.gpus_per_trial}
-    budget = {k: v for k, v in budget.items() if v is not None}
-    if budget:
-        raw = spec.model_dump(mode="json")
-        raw["budget"].update(budget)
-        spec = parse_study(raw, "command line")
+    spec = _study_spec(args)
     study_dir = Path(args.out or Path("runs") / spec.name)
     console = None if args.json else TrialTable(SearchSpace(spec).labels(), spec.budget.trials)
     if not args.json:
@@ -404,6 +396,45 @@ def cmd_study_run(args: argparse.Namespace) -> int:
         _emit_json(summary)
         return 0
     _print_study(summary)
+    return 0
+
+
+def _study_spec(args: argparse.Namespace):
+    """The study file, with the budget overrides of the command line."""
+    from hilomoe.study.spec import load_study, parse_study
+
+    spec = load_study(args.study)
+    budget = {"trials": args.trials, "concurrency": args.concurrency,
+              "cpus_per_trial": args.cpus_per_trial, "gpus_per_trial": args.gpus_per_trial}
+    budget = {k: v for k, v in budget.items() if v is not None}
+    if budget:
+        raw = spec.model_dump(mode="json")
+        raw["budget"].update(budget)
+        spec = parse_study(raw, "command line")
+    return spec
+
+
+def cmd_study_plan(args: argparse.Namespace) -> int:
+    from hilomoe.study.plan import plan_study
+    from hilomoe.train.driver import cache_dir, dataset_path
+
+    spec = _study_spec(args)
+    plan = plan_study(spec, dataset_path(spec.train), str(cache_dir()), steps=args.steps)
+    if args.json:
+        _emit_json(plan.as_dict())
+        return 0
+    out.print(plan.sentence(), highlight=False)
+    out.print(_table("phases (mean over the draws)", ["phase", "trials", "trial-seconds",
+                                                      "wall s"],
+                     [[p.phase, f"{p.trials:.0f}", f"{p.trial_s:.0f}", f"{p.wall_s:.0f}"]
+                      for p in plan.phases]))
+    cal = plan.calibration
+    out.print(_table(f"calibration ({cal.device}, {cal.threads} thread(s))",
+                     ["point", "stage", "batch", "FLOPs/sample", "samples/s"],
+                     [[m.point, m.stage, m.batch, f"{m.flops:,.0f}", f"{m.samples_per_s:,.0f}"]
+                      for m in cal.train]))
+    for line in plan.assumptions:
+        out.print(f"assumes: {line}", highlight=False)
     return 0
 
 
@@ -442,15 +473,17 @@ def _print_study(summary: dict) -> None:
 def cmd_study_report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from hilomoe.study.plan import saved_cost
     from hilomoe.study.recommend import load_recommendations
     from hilomoe.study.report import write_report
     from hilomoe.study.records import load_records
 
     target = Path(args.target)
-    parent = None
+    parent, cost = None, None
     if (target / "study.json").is_file() or (target / "trials").is_dir():
         records, title = load_records(target), target.name
         out_dir = Path(args.out or target / "report")
+        cost = saved_cost(target)
     elif target.exists():
         raise HilomoeError(f"{target}: not a study directory (no study.json); give the --out "
                            f"directory of `hilomoe study run`, or an MLflow experiment name.")
@@ -461,7 +494,8 @@ def cmd_study_report(args: argparse.Namespace) -> int:
         title = args.target
         out_dir = Path(args.out or Path("reports") / args.target)
     report = write_report(records, out_dir, title=title,
-                          recommendations=load_recommendations(target) if parent is None else None)
+                          recommendations=load_recommendations(target) if parent is None else None,
+                          cost=cost)
     if parent is not None:
         from hilomoe.study.tracking import Tracker
 
@@ -482,6 +516,7 @@ def cmd_study_recommend(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from hilomoe.study.driver import StudyRun
+    from hilomoe.study.plan import saved_cost
     from hilomoe.study.recommend import load_recommendations, recommend, save, verify
     from hilomoe.study.records import load_records
     from hilomoe.study.report import write_report
@@ -496,7 +531,7 @@ def cmd_study_recommend(args: argparse.Namespace) -> int:
     save(run, rec)
     study_dir = Path(run.study_dir)  # the report gains the recommendation
     write_report(load_records(study_dir), study_dir / "report", title=run.study.name,
-                 recommendations=load_recommendations(study_dir))
+                 recommendations=load_recommendations(study_dir), cost=saved_cost(study_dir))
     if args.json:
         _emit_json(rec.as_dict())
         return 0
@@ -576,9 +611,10 @@ def cmd_bench_study(args: argparse.Namespace) -> int:
         _emit_json(result)
         return 0
     out.print(_table(f"study overhead ({args.study})",
-                     ["trials", "wall s", "trial training s", "slots", "outside training",
-                      "stage-1 reused", "stage-1 saved s"],
-                     [[result["trials"], result["wall_s"], result["train_s"], result["slots"],
+                     ["trials", "wall s", "planned s", "trial training s", "slots",
+                      "outside training", "stage-1 reused", "stage-1 saved s"],
+                     [[result["trials"], result["wall_s"], result["planned_wall_s"],
+                       result["train_s"], result["slots"],
                        f"{result['overhead_fraction']:.0%}", result["stage1_reused"],
                        result["stage1_saved_s"]]]))
     return 0
@@ -839,15 +875,23 @@ def build_parser() -> argparse.ArgumentParser:
     sr.add_argument("--out", metavar="DIR", help="study directory (default runs/NAME)")
     sr.add_argument("--resume", action="store_true",
                     help="continue the interrupted study in the study directory")
-    sr.add_argument("--trials", type=int, default=None, help="override budget.trials")
-    sr.add_argument("--concurrency", type=int, default=None,
-                    help="override budget.concurrency")
-    sr.add_argument("--cpus-per-trial", type=float, default=None,
-                    help="override budget.cpus_per_trial")
-    sr.add_argument("--gpus-per-trial", type=float, default=None,
-                    help="override budget.gpus_per_trial (a trial with a GPU trains on it)")
+    _budget_flags(sr)
     sr.add_argument("--no-cache", action="store_true",
                     help="train every trial's stage 1 (no stage-1 sharing)")
+    pl = _command(
+        study_sub, "plan", cmd_study_plan, config=False,
+        help="what a study will cost: wall time and CPU/GPU-hours, before it runs",
+        description="Calibrate a few hundred training steps of every stage on the space's "
+                    "cheapest and dearest points, then simulate the study's phases (search, "
+                    "law designs, repeats) at its concurrency, with stage-1 sharing and ASHA's "
+                    "expected cut, over random draws of the space. `study run` prints the same "
+                    "plan first and its report sets it against the actual.",
+        example="hilomoe study plan studies/quickstart.yaml",
+    )
+    pl.add_argument("study", help="study file (YAML)")
+    pl.add_argument("--steps", type=int, default=200,
+                    help="training steps timed per stage and point (default 200)")
+    _budget_flags(pl)
     rp = _command(
         study_sub, "report", cmd_study_report, config=False,
         help="Pareto (AUC vs FLOPs), ROI and scaling-law report of a study",
@@ -886,9 +930,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _budget_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--trials", type=int, default=None, help="override budget.trials")
+    parser.add_argument("--concurrency", type=int, default=None,
+                        help="override budget.concurrency")
+    parser.add_argument("--cpus-per-trial", type=float, default=None,
+                        help="override budget.cpus_per_trial")
+    parser.add_argument("--gpus-per-trial", type=float, default=None,
+                        help="override budget.gpus_per_trial (a trial with a GPU trains on it)")
+
+
 def _check_positive(args: argparse.Namespace) -> None:
     for key in ("batch", "dim", "experts", "top_k", "repeats", "rows", "min_count", "epochs",
-                "workers", "trials", "concurrency", "ids", "train_rows"):
+                "workers", "trials", "concurrency", "ids", "train_rows", "steps"):
         value = getattr(args, key, None)
         if any(v < 1 for v in (value if isinstance(value, list) else [value]) if v is not None):
             raise HilomoeError(f"--{key.replace('_', '-')}: must be a positive integer, got {value}")

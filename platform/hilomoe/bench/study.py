@@ -9,7 +9,9 @@ I/O, the report, and slots left idle while the last trials finish.
 
     overhead_fraction = 1 - sum(trial training seconds) / (wall seconds x slots)
 
-with slots = min(concurrency, trials), the trials the machine runs at once. The parts:
+with slots = min(concurrency, trials), the trials the machine runs at once. The study's cost
+plan (`hilomoe study plan`, made first) is left out of the wall time: `plan_s` is its
+calibration, `planned_wall_s` what it predicted and `plan_error` its relative error. The parts:
 `startup_s` (the call to the first trial's start), `trial_overhead_s` (trials' wall time
 outside training, summed), `idle_slot_s` (slot-seconds with no trial running) and `tail_s`
 (the last trial's end to the call's return: report, best model, MLflow).
@@ -62,7 +64,11 @@ def measure(summary: dict, events: list[dict], t0: float, t1: float, concurrency
     starts = {e["trial_id"]: e["time"] for e in events if e["kind"] == "trial_start"}
     ends = {e["trial_id"]: e["time"] for e in events if e["kind"] == "trial_end"}
     train_s = sum(r["train_seconds"] or 0.0 for r in records)
+    plan = summary.get("plan") or {}
+    plan_s = plan.get("calibration_s", 0.0)
+    t0 += plan_s  # the plan's calibration precedes the study it predicts
     wall = t1 - t0
+    planned = (plan.get("wall_s") or {}).get("predicted")
     slots = max(1, min(concurrency, len(records)))
     busy = sum(ends[t] - starts[t] for t in ends if t in starts)
     return {
@@ -75,6 +81,9 @@ def measure(summary: dict, events: list[dict], t0: float, t1: float, concurrency
         "trial_overhead_s": busy - train_s,
         "idle_slot_s": wall * slots - busy,
         "tail_s": (t1 - max(ends.values())) if ends else 0.0,
+        "plan_s": plan_s,
+        "planned_wall_s": planned,
+        "plan_error": (planned - wall) / wall if planned is not None and wall > 0 else None,
         "stage1_reused": summary["stage1_reused"],
         "stage1_saved_s": summary["stage1_saved_s"],
         "best_valid_auc": (summary["best"] or {}).get("metrics", {}).get("valid_auc"),

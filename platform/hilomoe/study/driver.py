@@ -186,11 +186,32 @@ def run_study(spec: StudySpec, study_dir: str | Path, resume: bool = False,
     t0 = time.perf_counter()
     study_dir = Path(study_dir).resolve()
     run = _open_run(spec, study_dir, resume, cache)  # before Ray: bad input fails fast
+    plan = _plan(run, console)
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")  # lose little on a killed driver
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # no CSV/TBX/JSON per trial
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     with _inside(study_dir):
-        return _drive(run, resume, console, t0)
+        return _drive(run, resume, console, t0, plan)
+
+
+def _plan(run: StudyRun, console: Callable[[dict], None] | None) -> dict:
+    """The study's cost plan (study/plan.py), made once, before its first trial, and shown."""
+    from hilomoe.study.plan import PLAN_FILE, plan_study
+
+    path = Path(run.study_dir) / PLAN_FILE
+    if path.is_file():  # a resumed study keeps the plan it started with
+        plan = json.loads(path.read_text())
+        plan["calibration"]["seconds"] = 0.0  # none in this driver
+        plan["resumed"] = True  # this driver's wall time is not the whole study's
+    else:
+        made = plan_study(run.study, run.dataset, run.cache_dir)
+        plan = {**made.as_dict(), "sentence": made.sentence()}
+        write_json(path, plan)
+    if console:
+        console({"kind": "phase", "message": plan["sentence"]})
+    else:  # --json: stdout holds the summary alone
+        print(f"hilomoe: {plan['sentence']}", file=sys.stderr)
+    return plan
 
 
 @contextlib.contextmanager
@@ -221,7 +242,7 @@ def _warner(console: Callable[[dict], None] | None, study_dir: str) -> Callable[
 
 
 def _drive(run: StudyRun, resume: bool, console: Callable[[dict], None] | None,
-           t0: float) -> dict:
+           t0: float, plan: dict) -> dict:
     from hilomoe.study.tracking import Tracker
     from hilomoe.train.driver import connect_ray
 
@@ -263,7 +284,7 @@ def _drive(run: StudyRun, resume: bool, console: Callable[[dict], None] | None,
                                f"STUDY.yaml --out {run.study_dir} --resume`") from None
         if console:
             console({"kind": "end"})
-        return _conclude(run, tracker, time.perf_counter() - t0)
+        return _conclude(run, tracker, time.perf_counter() - t0, plan)
     finally:
         if started:
             ray.shutdown()
@@ -288,21 +309,25 @@ def _phase_points(spec: StudySpec, phase: str, records: list[dict]) -> list[dict
     return repeat_points(records, spec.repeats, spec.budget.repeated_points)
 
 
-def _conclude(run: StudyRun, tracker, wall_s: float) -> dict:
+def _conclude(run: StudyRun, tracker, wall_s: float, plan: dict) -> dict:
     """Report, best model and summary: what the study found, in files and in MLflow."""
+    from hilomoe.study.plan import compare
     from hilomoe.study.recommend import load_recommendations
     from hilomoe.study.report import write_report
 
     spec = run.study
     study_dir = Path(run.study_dir)
     everything = load_records(study_dir)
+    # the plan's own calibration is not part of what it predicts
+    cost = compare(plan, wall_s - plan["calibration"]["seconds"], everything,
+                   _events(study_dir))
     records = search_records(everything)  # the repeats only feed the headline
     # a trial a killed driver had started after Tune's last snapshot is gone for good (Tune
     # sampled another in its place): its MLflow run ends as KILLED, not RUNNING forever
     tracker.close_orphans({r["trial_id"] for r in everything})
     report = write_report(everything, study_dir / "report", title=spec.name,
                           meta={"description": spec.description} if spec.description else None,
-                          recommendations=load_recommendations(study_dir))
+                          recommendations=load_recommendations(study_dir), cost=cost)
     best = best_record(spec, records)
     if best is not None and best.get("checkpoint"):
         _log_best_model(run, tracker, best)
@@ -317,6 +342,7 @@ def _conclude(run: StudyRun, tracker, wall_s: float) -> dict:
                                                   "params_total")}},
         "headline": report.headline,
         "laws": report.laws(),
+        "plan": cost,
         "pareto": report.pareto,
         "trials": records,
         "repeats": [r for r in everything if r not in records],
@@ -346,6 +372,17 @@ def _conclude(run: StudyRun, tracker, wall_s: float) -> dict:
         run.save()
     write_json(study_dir / RESULT_FILE, summary)
     return summary
+
+
+def _events(study_dir: Path) -> list[dict]:
+    path = study_dir / EVENTS_FILE
+    if not path.is_file():
+        return []
+    events = []
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(json.JSONDecodeError):  # a line a killed driver cut short
+            events.append(json.loads(line))
+    return events
 
 
 def _log_best_model(run: StudyRun, tracker, best: dict) -> None:

@@ -75,10 +75,12 @@ class Report:
 
 
 def write_report(records: list[dict], out_dir: Path, title: str,
-                 meta: dict | None = None, recommendations: list[dict] | None = None) -> Report:
+                 meta: dict | None = None, recommendations: list[dict] | None = None,
+                 cost: dict | None = None) -> Report:
     """Compute the frontier, the ROI headline and the scaling laws; write the page and plots.
 
-    `meta` (optional) is shown as a key/value list under the title (dataset, date, ...).
+    `meta` (optional) is shown as a key/value list under the title (dataset, date, ...);
+    `cost` (optional) is the study's plan against its actual wall time (study/plan.py:compare).
     Returns the `Report`; `report.md` is always written, plots only when there is data.
     """
     everything = [r for r in (records or []) if isinstance(r, dict)]
@@ -107,7 +109,7 @@ def write_report(records: list[dict], out_dir: Path, title: str,
                 plot_utilisation(diagnosed(points), stage / "utilisation.png")
                 drawn.append("utilisation.png")
         text = markdown(title, meta, records, front, headline, fits, counts, drawn, noise,
-                        joint, recommendations or [])
+                        joint, recommendations or [], cost)
         (stage / "report.md").write_text(text, encoding="utf-8")
         for name in [*drawn, "report.md"]:
             os.replace(stage / name, out_dir / name)
@@ -142,7 +144,7 @@ def trial_counts(records: list[dict]) -> dict:
 def markdown(title: str, meta: dict | None, records: list[dict], front: list[dict],
              headline: Roi | str, fits: dict[str, AxisFit], counts: dict,
              plots: list[str], noise: Headline | str = "", joint: JointFit | None = None,
-             recommendations: list[dict] = ()) -> str:
+             recommendations: list[dict] = (), cost: dict | None = None) -> str:
     """The whole page; `plots` are the image file names drawn next to it."""
     lines = [f"# {title}", ""]
     for key, value in (meta or {}).items():
@@ -171,6 +173,8 @@ def markdown(title: str, meta: dict | None, records: list[dict], front: list[dic
     if recommendations:
         lines += _recommendation_section(recommendations)
     lines += _counts_section(counts)
+    if cost:
+        lines += _cost_section(cost)
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -321,6 +325,25 @@ def _counts_section(counts: dict) -> list[str]:
         lines += [f"Repeats: {counts['repeats']} more run(s) of the repeated points with other "
                   f"seeds (the headline's interval; not in the tables above).", ""]
     return lines
+
+
+def _cost_section(cost: dict) -> list[str]:
+    wall = cost["wall_s"]
+    error = "" if cost.get("error") is None else f" ({cost['error']:+.0%} off)"
+    lines = ["## Cost: planned against actual", "",
+             f"`hilomoe study plan` predicted {wall['predicted']:.0f} s of wall time "
+             f"({cost['wall_range_s'][0]:.0f}-{cost['wall_range_s'][1]:.0f} s over its draws) "
+             f"and {cost['cpu_hours']:.2f} CPU-hours; the study took {wall['actual']:.0f} s"
+             f"{error}, not counting the plan's {cost['calibration_s']:.0f} s of calibration"
+             + (" (the study was resumed: the actual counts its last driver only)."
+                if cost.get("resumed") else "."),
+             "", "| phase | trials planned | trials run | wall planned (s) | wall actual (s) |",
+             "|---|---:|---:|---:|---:|"]
+    for p in cost["phases"]:
+        lines.append(_row(p["phase"], f"{p['trials']['predicted']:.0f}", p["trials"]["actual"],
+                          f"{p['wall_s']['predicted']:.0f}", f"{p['wall_s']['actual']:.0f}"))
+    return lines + ["", "A phase's actual wall time runs from its first trial's start to its "
+                    "last trial's end; the plan's adds the phase's Tuner start.", ""]
 
 
 def key_params(record: dict) -> str:
