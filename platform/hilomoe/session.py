@@ -29,6 +29,7 @@ from hilomoe.config import StageName, TrainConfig
 from hilomoe.engine.local import Data, build_model, load_data
 from hilomoe.engine.loop import Engine, EpochRecord, run_stages
 from hilomoe.engine.parallel import Parallel
+from hilomoe.errors import HilomoeError
 from hilomoe.memory import peak_rss_mb
 from hilomoe.model.flops import model_cost
 
@@ -137,6 +138,21 @@ def _union(into: dict, other: dict) -> None:
             _union(into[key], value)
 
 
+def load_tensors(path: str | Path, mmap: bool = False) -> Any:
+    """A saved state of tensors and plain data (dicts, lists, numbers, strings). Checkpoints
+    and cache entries live on shared volumes that other users can write, so nothing else is
+    unpickled: a file holding any other object is refused before it can run code."""
+    import pickle
+
+    try:
+        return torch.load(path, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError:
+        raise HilomoeError(f"{path}: refused to load: it holds objects other than tensors and "
+                           f"plain data, so it was not written by hilomoe (remove it; "
+                           f"checkpoints and caches are only as trusted as who can write "
+                           f"them).") from None
+
+
 def read_state(directory: str | Path) -> tuple[dict | None, dict | None]:
     """The engine state in a checkpoint directory (every rank's shard files merged; tensors
     memory-mapped, so a rank only reads the tables it takes) and the summary of a final one."""
@@ -144,9 +160,9 @@ def read_state(directory: str | Path) -> tuple[dict | None, dict | None]:
     files = sorted(d.glob("state.rank*.pt"))
     if not (d / STATE_FILE).is_file():
         return None, None
-    state = torch.load(d / STATE_FILE, weights_only=True, mmap=True)
+    state = load_tensors(d / STATE_FILE, mmap=True)
     for f in files:
-        _union(state, torch.load(f, weights_only=True, mmap=True))
+        _union(state, load_tensors(f, mmap=True))
     summary = d / SUMMARY_FILE
     return state, json.loads(summary.read_text()) if summary.is_file() else None
 

@@ -35,6 +35,7 @@ import torch
 from hilomoe.config import TrainConfig
 from hilomoe.data.dataset import META_FILE, open_dataset
 from hilomoe.engine.loop import EpochRecord
+from hilomoe.session import load_tensors
 from hilomoe.study.space import config_key
 
 WEIGHTS, RECORDS = "base.pt", "entry.json"
@@ -119,7 +120,7 @@ class Stage1Cache(KeyedStore):
         if not (d / RECORDS).is_file():
             return None
         meta = json.loads((d / RECORDS).read_text())
-        return Stage1Entry(torch.load(d / WEIGHTS, weights_only=True),
+        return Stage1Entry(load_tensors(d / WEIGHTS),
                            [EpochRecord(**r) for r in meta["history"]], meta["seconds"])
 
     def put(self, key: str, entry: Stage1Entry) -> None:
@@ -141,7 +142,7 @@ class TrialCache(KeyedStore):
         d = self.path(key)
         if not (d / self.SUMMARY).is_file():
             return None
-        return (torch.load(d / self.STATE, weights_only=True),
+        return (load_tensors(d / self.STATE),
                 json.loads((d / self.SUMMARY).read_text()))
 
     def put(self, key: str, state: dict, summary: dict) -> None:

@@ -1,0 +1,67 @@
+"""Secure by default: what hilomoe reads from places other users can write.
+
+Checkpoints, the stage-1 cache and the trial cache live on shared volumes; a file planted there
+must not run code when hilomoe loads it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from hilomoe.errors import HilomoeError
+from hilomoe.session import STATE_FILE, read_state
+from hilomoe.study.cache import RECORDS, WEIGHTS, Stage1Cache, TrialCache
+
+
+class Canary:
+    """Unpickling it would create `path` (what a planted checkpoint's payload could do)."""
+
+    def __init__(self, path: Path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def plant(path: Path, marker: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": {"w": torch.zeros(2)}, "payload": Canary(marker)}, path)
+
+
+def test_a_planted_checkpoint_is_refused_and_runs_nothing(tmp_path):
+    marker = tmp_path / "pwned"
+    run = tmp_path / "checkpoint"
+    plant(run / STATE_FILE, marker)
+    with pytest.raises(HilomoeError) as err:
+        read_state(run)
+    assert not marker.exists()
+    assert str(run / STATE_FILE) in str(err.value) and "refused" in str(err.value)
+    assert "\n" not in str(err.value)
+    # a rank's shard file next to a clean state is refused the same way
+    torch.save({"model": {"w": torch.zeros(2)}}, run / STATE_FILE)
+    plant(run / "state.rank1.pt", marker)
+    with pytest.raises(HilomoeError, match="state.rank1.pt: refused"):
+        read_state(run)
+    assert not marker.exists()
+    # a checkpoint of tensors and plain data loads
+    (run / "state.rank1.pt").unlink()
+    state, summary = read_state(run)
+    assert torch.equal(state["model"]["w"], torch.zeros(2)) and summary is None
+
+
+def test_planted_cache_entries_are_refused_and_run_nothing(tmp_path):
+    marker = tmp_path / "pwned"
+    stage1 = Stage1Cache(tmp_path / "stage1")
+    plant(stage1.path("k") / WEIGHTS, marker)
+    (stage1.path("k") / RECORDS).write_text('{"history": [], "seconds": 1.0}')
+    with pytest.raises(HilomoeError, match="refused"):
+        stage1.get("k")
+    trials = TrialCache(tmp_path / "trials")
+    plant(trials.path("k") / TrialCache.STATE, marker)
+    (trials.path("k") / TrialCache.SUMMARY).write_text("{}")
+    with pytest.raises(HilomoeError, match="refused"):
+        trials.get("k")
+    assert not marker.exists()
