@@ -130,6 +130,21 @@ def fast_flops(costing: Costing, cfg, stage) -> float:
     return _stage_flops(costing.schema, cfg, stage)
 
 
+def test_a_continuous_space_is_planned_from_random_draws(cache):
+    """No finite list of points: the corners come from random draws (a choice of lists, drawn
+    by index, next to a log-scale range)."""
+    from hilomoe.study.plan import plan_study
+
+    raw = {**STUDY, "space": {**STUDY["space"],
+                              "stages.base.lr": {"float": [0.001, 0.01], "log": True}}}
+    spec = parse_study(raw, "planned.yaml")
+    assert SearchSpace(spec).points() is None
+    plan = plan_study(spec, dataset_path(spec.train), str(cache), steps=10, draws=2)
+    points = {m.point for m in plan.calibration.train}
+    assert "dense mlp=[8]" in points and "hilomoe L=2 K=8 r=1 mlp=[16]" in points
+    assert plan.phases[0].trials == 5 and plan.wall_s > 0
+
+
 def test_a_base_already_in_the_stage_1_cache_costs_nothing(cache):
     from hilomoe.study.cache import Stage1Cache
 

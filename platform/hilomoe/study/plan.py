@@ -489,12 +489,13 @@ def plan_study(spec: StudySpec, dataset: str | Path, cache_dir: str | None = Non
     """Calibrate on the space's cheapest and dearest points, then predict the study."""
     dataset = str(dataset)
     space = SearchSpace(spec)
-    candidates = space.points() or [space.overrides(p) for p in draw_points(space, 200, spec.seed)]
-    costing_cfg = [spec.train.with_overrides(**space.overrides(p), **{"data.path": dataset})
-                   for p in candidates]
+    points = space.points()  # every distinct point of a discrete space; else 200 random ones
+    candidates = (draw_points(space, 200, spec.seed) if points is None
+                  else [space.overrides(p) for p in points])
+    configs = [spec.train.with_overrides(**p, **{"data.path": dataset}) for p in candidates]
     budget = spec.budget
     device = ("cuda" if budget.gpus_per_trial > 0 and torch.cuda.is_available() else "cpu")
-    cal = calibrate(corners(spec, costing_cfg), steps=steps,
+    cal = calibrate(corners(spec, configs), steps=steps,
                     threads=max(1, int(budget.cpus_per_trial)), device=device)
     return predict(spec, dataset, cal, cache_dir, draws)
 
