@@ -65,3 +65,62 @@ def test_planted_cache_entries_are_refused_and_run_nothing(tmp_path):
     with pytest.raises(HilomoeError, match="refused"):
         trials.get("k")
     assert not marker.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# names used as paths
+
+
+@pytest.mark.parametrize("name", ["../evil", "/tmp/evil", "a/b", "..", "a\\b", ""])
+def test_a_study_name_that_is_not_a_plain_name_is_refused(tmp_path, name):
+    from hilomoe.config import ConfigError
+    from hilomoe.study.spec import load_study
+
+    study = tmp_path / "study.yaml"
+    study.write_text(f"name: {name!r}\ntrain: {{}}\n")
+    with pytest.raises(ConfigError) as err:
+        load_study(study)
+    assert "\n" not in str(err.value) and f"{study}: name:" in str(err.value)
+
+
+def test_the_command_line_refuses_a_study_name_in_one_sentence(tmp_path):
+    from helpers import hilomoe
+
+    study = tmp_path / "study.yaml"
+    study.write_text("name: ../evil\ntrain: {}\n")
+    proc = hilomoe("study", "run", str(study), check=False)
+    assert proc.returncode != 0 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "'../evil' is used as a file or directory name" in proc.stderr
+    assert not (tmp_path.parent / "evil").exists() and not Path("runs/../evil").exists()
+
+
+def test_a_report_target_that_would_escape_reports_is_refused(tmp_path):
+    from helpers import hilomoe
+
+    for target in ("../x", "/abs/x"):
+        proc = hilomoe("study", "report", target, check=False,
+                       env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"})
+        assert proc.returncode != 0 and "give --out DIR" in proc.stderr, proc.stderr
+        assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert not (tmp_path / "x").exists() and not Path("/abs/x").exists()
+
+
+@pytest.mark.parametrize("bad", ["../../outside.parquet", "/etc/passwd", "sub/part.parquet"])
+def test_a_dataset_listing_a_shard_outside_its_split_is_refused(tmp_path, bad):
+    from hilomoe.config import PlantedData
+    from hilomoe.data.dataset import META_FILE, open_dataset
+    from hilomoe.data.synth import write_synth
+    from hilomoe.errors import DatasetError
+
+    import json
+
+    ds = tmp_path / "ds"
+    write_synth(PlantedData(rows=2_000, categorical_fields=2, vocab_size=5, numeric_fields=1),
+                ds)
+    meta = json.loads((ds / META_FILE).read_text())
+    meta["splits"]["train"]["files"][0] = bad
+    (ds / META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(DatasetError) as err:
+        open_dataset(ds)
+    assert str(ds / META_FILE) in str(err.value) and "splits.train.files" in str(err.value)
+    assert "\n" not in str(err.value)

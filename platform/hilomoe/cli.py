@@ -488,8 +488,13 @@ def cmd_study_report(args: argparse.Namespace) -> int:
         raise HilomoeError(f"{target}: not a study directory (no study.json); give the --out "
                            f"directory of `hilomoe study run`, or an MLflow experiment name.")
     else:
+        from hilomoe.config import plain_name_problem
         from hilomoe.study.tracking import load_records as mlflow_records
 
+        problem = None if args.out else plain_name_problem(args.target)
+        if problem:  # the report would land at reports/<target>, outside reports/
+            raise HilomoeError(f"{args.target}: no such study directory; as an MLflow experiment, "
+                               f"{problem}; give --out DIR for its report.")
         records, parent = mlflow_records(args.target)
         title = args.target
         out_dir = Path(args.out or Path("reports") / args.target)

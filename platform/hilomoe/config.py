@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
-from typing import Any, Literal
+import re
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from hilomoe.errors import HilomoeError
 
@@ -24,6 +25,29 @@ class ConfigError(HilomoeError):
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def plain_name_problem(value: str) -> str | None:
+    """Why `value` cannot name a file or directory inside another one, or None when it can.
+    Names become paths (a study's `runs/<name>`, a dataset's shards), so `../x`, `a/b` and
+    absolute paths would write or read outside the directory meant."""
+    if _PLAIN_NAME.fullmatch(value) and value not in (".", ".."):
+        return None
+    return (f"{value!r} is used as a file or directory name: use letters, digits, '.', '_' and "
+            f"'-', starting with a letter or digit (no '/', '..' or absolute path)")
+
+
+def _plain_name(value: str) -> str:
+    problem = plain_name_problem(value)
+    if problem:
+        raise ValueError(problem)
+    return value
+
+
+PlainName = Annotated[str, AfterValidator(_plain_name)]
 
 
 # ----------------------------------------------------------------------------------------------

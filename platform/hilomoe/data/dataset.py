@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from hilomoe.config import format_validation_error
+from hilomoe.config import PlainName, format_validation_error
 from hilomoe.errors import DatasetError
 from hilomoe.schema import FeatureSchema
 
@@ -56,7 +56,7 @@ class SplitInfo(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     rows: int = Field(ge=0)
-    files: list[str]
+    files: list[PlainName]  # shard names inside the split's directory, never a path
 
 
 class DatasetMeta(BaseModel):

@@ -28,7 +28,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import ConfigDict, Field, model_validator
 
-from hilomoe.config import ConfigError, Strict, TrainConfig, load_config, parse_config
+from hilomoe.config import (ConfigError, PlainName, Strict, TrainConfig, load_config,
+                            parse_config)
 from hilomoe.study.design import LawDesign, check_design
 
 
@@ -93,7 +94,7 @@ class Scheduler(Strict):
 
 
 class StudySpec(Strict):
-    name: str = Field(min_length=1)
+    name: PlainName = Field(description="the study's directory (runs/<name>) and MLflow experiment")
     description: str = ""
     train: TrainConfig
     space: dict[str, Domain] = Field(default_factory=dict)
