@@ -100,6 +100,25 @@ def test_resume_needs_a_study_directory_and_the_same_file(workdir):
     assert res.returncode == 2 and "already holds a study" in res.stderr
 
 
+def test_inside_a_ray_job_the_default_study_directory_is_a_stable_place(workdir, monkeypatch):
+    """A Ray job's working directory belongs to Ray: without --out, a study asks for one (or
+    goes under $HILOMOE_HOME) instead of dying mid-way when Ray replaces the directory."""
+    from hilomoe.train.driver import runs_dir
+
+    study = write_study(workdir / "s.yaml")
+    job = {"RAY_JOB_CONFIG_JSON_ENV_VAR": "{}"}  # what Ray's job supervisor sets
+    res = hilomoe("study", "run", str(study), check=False, env=job)
+    assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr
+    assert "inside a Ray job" in res.stderr and "--out" in res.stderr
+    assert not (workdir / "runs").exists()
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")
+    monkeypatch.setenv("HILOMOE_HOME", str(workdir / "home"))
+    assert runs_dir("tiny") == workdir / "home" / "runs" / "tiny"
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    monkeypatch.delenv("HILOMOE_HOME")
+    assert runs_dir("tiny") == Path("runs") / "tiny"
+
+
 # -- a whole study -----------------------------------------------------------------------------
 
 

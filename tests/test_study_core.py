@@ -370,3 +370,41 @@ def test_overhead_is_the_share_of_slot_time_not_spent_training():
     m = measure(planned, events, t0=8.0, t1=50.0, concurrency=2)
     assert m["wall_s"] == 40.0 and m["startup_s"] == 2.0 and m["plan_s"] == 2.0
     assert m["planned_wall_s"] == 57.0 and m["plan_error"] == pytest.approx(17 / 40)
+
+
+# -- resume pins its data ----------------------------------------------------------------------
+
+
+def test_resume_refuses_changed_data_and_allows_a_new_pace(tmp_path, monkeypatch):
+    """A study or run resumed on regenerated data would mix two datasets: refused in one
+    sentence. Only the pace (concurrency, time limit) may change on resume."""
+    from hilomoe.config import PlantedData
+    from hilomoe.errors import DatasetError, HilomoeError
+    from hilomoe.study.driver import StudyRun, _open_run
+    from hilomoe.train.driver import TrainRun
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    data = tmp_path / "ds"
+    planted = PlantedData(rows=2000, categorical_fields=2, vocab_size=6, numeric_fields=1)
+    write_synth(planted, data)
+    raw = study({}, budget={"trials": 2, "concurrency": 1})
+    raw["train"] = {**TRAIN, "data": {"path": str(data)}}
+    spec = parse_study(raw)
+    _open_run(spec, tmp_path / "st", resume=False, cache=False)
+    run = TrainRun.create(spec.train, tmp_path / "run")
+    assert run.dataset_hash
+
+    faster = parse_study({**raw, "budget": {"trials": 2, "concurrency": 2, "time_limit_s": 60}})
+    again = _open_run(faster, tmp_path / "st", resume=True, cache=False)
+    assert again.study.budget.concurrency == 2 and again.study.budget.time_limit_s == 60
+    assert StudyRun.load(tmp_path / "st").study.budget.concurrency == 2  # kept for later resumes
+    more = parse_study({**raw, "budget": {"trials": 3, "concurrency": 1}})
+    with pytest.raises(HilomoeError, match="the study file changed"):
+        _open_run(more, tmp_path / "st", resume=True, cache=False)
+
+    write_synth(planted.model_copy(update={"seed": 1}), data, overwrite=True)  # new data, same path
+    for resume in (lambda: _open_run(faster, tmp_path / "st", resume=True, cache=False),
+                   lambda: TrainRun.load(tmp_path / "run")):
+        with pytest.raises(DatasetError) as err:
+            resume()
+        assert "the dataset changed since" in str(err.value) and "\n" not in str(err.value)

@@ -191,13 +191,14 @@ def _train_ray(args: argparse.Namespace, cfg) -> int:
     from pathlib import Path
 
     from hilomoe.train import TrainRun, train_ray
+    from hilomoe.train.driver import runs_dir
 
     if cfg is None:
         run = TrainRun.load(args.resume)
         log.print(f"resuming {run.out_dir} from its last checkpoint", highlight=False)
     else:
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        out = args.out or str(Path("runs") / f"{Path(args.config).stem}-{stamp}")
+        out = args.out or str(runs_dir(f"{Path(args.config).stem}-{stamp}"))
         run = TrainRun.create(cfg, out)
     try:
         result = train_ray(run, on_event=_RayConsole(run.cfg))
@@ -382,9 +383,10 @@ def cmd_study_run(args: argparse.Namespace) -> int:
     from hilomoe.study.console import TrialTable
     from hilomoe.study.driver import run_study
     from hilomoe.study.space import SearchSpace
+    from hilomoe.train.driver import runs_dir
 
     spec = _study_spec(args)
-    study_dir = Path(args.out or Path("runs") / spec.name)
+    study_dir = Path(args.out or runs_dir(spec.name))
     console = None if args.json else TrialTable(SearchSpace(spec).labels(), spec.budget.trials)
     if not args.json:
         log.print(f"study {spec.name}: {spec.budget.trials} trials, {spec.budget.concurrency} at "

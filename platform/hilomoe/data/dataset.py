@@ -240,6 +240,21 @@ class Dataset:
                                f"(it has {', '.join(self.meta.splits)}).")
         return [self.path / split / f for f in self.meta.splits[split].files]
 
+    def fingerprint(self) -> str:
+        """What the data is, for cache keys and resume: a hash of dataset.json, whose
+        `content_hash` the writer computed from every row it wrote. A hand-written dataset
+        without one is hashed shard by shard, byte by byte (size and mtime would survive
+        `cp -p` of an edited shard)."""
+        h = hashlib.sha256((self.path / META_FILE).read_bytes())
+        if not self.meta.content_hash:
+            for split in self.meta.splits:
+                for f in self.files(split):
+                    h.update(f"{split}/{f.name}".encode())
+                    with open(f, "rb") as fh:
+                        for block in iter(lambda: fh.read(1 << 20), b""):
+                            h.update(block)
+        return h.hexdigest()
+
 
 def open_dataset(path: str | Path, check_shards: bool = True) -> Dataset:
     """Open DIR as a canonical dataset, or raise DatasetError with one sentence saying why."""
@@ -266,6 +281,15 @@ def open_dataset(path: str | Path, check_shards: bool = True) -> Dataset:
         for split in SPLITS:
             _check_split(ds, split)
     return ds
+
+
+def check_unchanged(path: str | Path, fingerprint: str, started: str) -> None:
+    """A resumed run or study continues on the data it started with (`fingerprint`, or ""
+    for a directory written before fingerprints were kept): refuse when the data changed."""
+    if fingerprint and open_dataset(path, check_shards=False).fingerprint() != fingerprint:
+        raise DatasetError(f"{path}: the dataset changed since {started} started (its content "
+                           f"hash differs); resuming would mix two datasets: restore the data, "
+                           f"or start anew with another --out.")
 
 
 def _check_split(ds: Dataset, split: str) -> None:

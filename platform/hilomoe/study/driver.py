@@ -57,6 +57,7 @@ class StudyRun:
     tracking_uri: str
     parent_run_id: str | None = None
     cache_dir: str | None = None
+    dataset_hash: str = ""  # Dataset.fingerprint() when the study started: resume pins it
 
     @functools.cached_property
     def study(self) -> StudySpec:
@@ -81,15 +82,20 @@ class StudyRun:
 
 
 def _open_run(spec: StudySpec, study_dir: Path, resume: bool, cache: bool) -> StudyRun:
+    from hilomoe.data.dataset import check_unchanged, open_dataset
     from hilomoe.study.tracking import tracking_uri
     from hilomoe.train.driver import cache_dir, dataset_path
 
     if resume:
         run = StudyRun.load(study_dir)
-        if run.spec != spec.model_dump(mode="json"):
+        if _without_pace(run.spec) != _without_pace(spec.model_dump(mode="json")):
             raise HilomoeError(f"{study_dir}: the study file changed since the study started; "
-                               f"resume it with the same file, or start a new study with "
+                               f"resume it with the same file (only budget.concurrency and "
+                               f"budget.time_limit_s may change), or start a new study with "
                                f"another --out.")
+        check_unchanged(run.dataset, run.dataset_hash, f"the study in {study_dir}")
+        run.spec = spec.model_dump(mode="json")  # the new pace applies to the phases to come
+        run.save()
         return run
     if (study_dir / STUDY_FILE).exists():
         raise HilomoeError(f"{study_dir}: already holds a study; continue it with --resume or "
@@ -97,9 +103,17 @@ def _open_run(spec: StudySpec, study_dir: Path, resume: bool, cache: bool) -> St
     dataset = dataset_path(spec.train)  # checked (or generated) before Ray starts
     study_dir.mkdir(parents=True, exist_ok=True)
     run = StudyRun(str(study_dir), spec.model_dump(mode="json"), str(dataset), spec.name,
-                   tracking_uri(), cache_dir=str(cache_dir()) if cache else None)
+                   tracking_uri(), cache_dir=str(cache_dir()) if cache else None,
+                   dataset_hash=open_dataset(dataset, check_shards=False).fingerprint())
     run.save()
     return run
+
+
+def _without_pace(spec: dict) -> dict:
+    """The study minus what may change on resume: how many trials run at once, and for how
+    long; neither changes what a trial computes."""
+    budget = {k: v for k, v in spec["budget"].items() if k not in ("concurrency", "time_limit_s")}
+    return {**spec, "budget": budget}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from hilomoe.config import TrainConfig, parse_config
-from hilomoe.data.dataset import open_dataset
+from hilomoe.data.dataset import check_unchanged, open_dataset
 from hilomoe.errors import HilomoeError, out_of_memory
 from hilomoe.train.resources import WorkerPlan, plan_workers
 from hilomoe.engine.loop import stage_weights
@@ -40,6 +40,20 @@ QUIET_RAY_ENV = {
 
 def cache_dir() -> Path:
     return Path(os.environ.get("HILOMOE_CACHE", Path.home() / ".cache" / "hilomoe"))
+
+
+def runs_dir(name: str) -> Path:
+    """Where a run or study goes without --out: `runs/<name>` under $HILOMOE_HOME, else under
+    the working directory. Inside a `ray job submit` entrypoint that directory belongs to Ray,
+    which may replace it while the job runs (a study then dies mid-way), so ask for a place."""
+    home = os.environ.get("HILOMOE_HOME")
+    if home:
+        return Path(home) / "runs" / name
+    if "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:  # set by Ray's job supervisor
+        raise HilomoeError(f"inside a Ray job the working directory belongs to Ray and may be "
+                           f"replaced: give --out on a shared volume (for example --out "
+                           f"/mnt/shared/runs/{name}), or set HILOMOE_HOME.")
+    return Path("runs") / name
 
 
 def synth_dataset(cfg: TrainConfig) -> Path:
@@ -73,6 +87,7 @@ class TrainRun:
     dataset: str
     name: str  # the Ray Train run name under `storage`
     storage: str  # directory or URI
+    dataset_hash: str = ""  # Dataset.fingerprint() when the run started: resume pins it
 
     @classmethod
     def create(cls, cfg: TrainConfig, out_dir: str | Path) -> TrainRun:
@@ -84,7 +99,8 @@ class TrainRun:
         out.mkdir(parents=True, exist_ok=True)
         storage = cfg.ray.storage or str(out / "checkpoints")
         run = cls(str(out), cfg.model_dump(mode="json"), str(dataset),
-                  f"{out.name}-{time.strftime('%Y%m%d-%H%M%S')}", storage)
+                  f"{out.name}-{time.strftime('%Y%m%d-%H%M%S')}", storage,
+                  open_dataset(dataset, check_shards=False).fingerprint())
         (out / RUN_FILE).write_text(json.dumps(asdict(run), indent=2))
         return run
 
@@ -96,6 +112,7 @@ class TrainRun:
                                f"the --out directory of an earlier `hilomoe train`.")
         run = cls(**json.loads(path.read_text()))
         open_dataset(run.dataset)
+        check_unchanged(run.dataset, run.dataset_hash, f"the run in {out_dir}")
         return run
 
     @property
