@@ -134,6 +134,38 @@ def test_early_stopping():
     assert stop.best == 0.7 and stop.best_epoch == 0
 
 
+def test_a_checkpoint_holds_nothing_twice_and_resumes_to_the_same_state(problem, tmp_path):
+    """In stage 2 the tables are frozen: the base stage's kept weights and the model's are the
+    same tensors, and so are the best weights after an improving epoch. The checkpoint stores
+    each once, and loading it gives back every copy exactly."""
+    from hilomoe.engine.loop import SAME_AS_MODEL
+
+    cfg = small_config()
+    engine = Engine(build_model(cfg, problem.schema), cfg.stages, keep_stage_models=True)
+    src = memory_sources(problem, cfg)
+    list(engine.fit_stage(StageName.BASE, src["train"], src["valid"]))
+    engine.start_stage(StageName.EXPERTS)
+    engine.train_epoch(src["train"].epoch(0))
+    assert engine.end_epoch(0.6, 0)  # improved: best_state is the model's changing entries
+    state = engine.state_dict()
+    tables = [k for k in engine.model.state_dict() if k.startswith("embedding.")]
+    assert tables and all(state["stage_models"]["base"][k] == SAME_AS_MODEL for k in tables)
+    assert state["best_state"] and set(state["best_state"].values()) == {SAME_AS_MODEL}
+    torch.save(state, tmp_path / "state.pt")
+    whole = {**state, "best_state": engine.best_state, "stage_models": engine.stage_models}
+    torch.save(whole, tmp_path / "whole.pt")
+    assert (tmp_path / "state.pt").stat().st_size < (tmp_path / "whole.pt").stat().st_size
+
+    other = Engine(build_model(cfg, problem.schema), cfg.stages, keep_stage_models=True)
+    other.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
+    for mine, theirs in [(engine.best_state, other.best_state),
+                         *zip(engine.stage_models.values(), other.stage_models.values())]:
+        assert mine.keys() == theirs.keys()
+        assert all(torch.equal(mine[k], theirs[k]) for k in mine)
+    name = next(iter(other.best_state))  # copies: training on does not move the best weights
+    assert other.best_state[name].data_ptr() != other.model.state_dict()[name].data_ptr()
+
+
 def test_checkpoint_resume_continues_bit_for_bit(problem):
     """Epoch 2 after a save/load equals epoch 2 of an uninterrupted run."""
     torch.set_num_threads(1)

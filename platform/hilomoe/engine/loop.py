@@ -321,25 +321,31 @@ class Engine:
 
     def state_dict(self) -> dict:
         """Plain tensors, numbers and strings only (loads with `weights_only=True`). With
-        sharded tables it holds this rank's tables and their optimiser state."""
+        sharded tables it holds this rank's tables and their optimiser state. What resume
+        needs, and nothing twice: an entry of the best weights or of a finished stage's
+        weights that equals the model's current one (the best epoch was the last; the tables
+        stage 2 keeps frozen) is stored as a reference to it."""
+        model = self.model.state_dict()
         return {
-            "model": self.model.state_dict(),
+            "model": model,
             "optimizer": self.optimizer.state_dict() if self.optimizer else None,
             "table_optimizer": self._table_optimizer_state(),
             "stage": self.setup.name.value if self.setup else None,
             "stopper": asdict(self.stopper) if self.stopper else None,
-            "best_state": self.best_state,
+            "best_state": _refer(self.best_state, model),
             "completed": [s.value for s in self.completed],
             "next_epoch": self.next_epoch,
             "history": [asdict(r) for r in self.history],
-            "stage_models": self.stage_models,
+            "stage_models": {k: _refer(v, model) for k, v in self.stage_models.items()},
         }
 
     def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
+        model = state["model"]
+        self.model.load_state_dict(model)
         self.completed = [StageName(s) for s in state["completed"]]
         self.history = [EpochRecord(**r) for r in state.get("history", [])]
-        self.stage_models = state.get("stage_models", {})
+        self.stage_models = {k: _resolve(v, model)
+                             for k, v in state.get("stage_models", {}).items()}
         if state["stage"] is not None:
             self.start_stage(StageName(state["stage"]))
             if state["optimizer"] is not None:
@@ -350,8 +356,33 @@ class Engine:
             elif tables is not None and self.model.embedding.fused:
                 self.model.embedding.load_optimizer_state(tables)
             self.stopper = EarlyStopping(**state["stopper"])
-            self.best_state = state["best_state"]
+            self.best_state = _resolve(state["best_state"], model)
             self.next_epoch = state.get("next_epoch", 0)
+
+
+SAME_AS_MODEL = "same-as-model"  # a checkpoint entry equal to the model's entry of that name
+
+
+def _refer(part: dict | None, model: dict) -> dict | None:
+    """`part` (weights by name) with each tensor equal to `model`'s of that name replaced by
+    SAME_AS_MODEL. Only plain tensors are compared: a sharded table is left as it is."""
+    if part is None:
+        return None
+
+    def same(k: str, v) -> bool:
+        m = model.get(k)
+        return (type(v) is torch.Tensor and type(m) is torch.Tensor and v.dtype == m.dtype
+                and v.shape == m.shape and torch.equal(v, m))
+
+    return {k: SAME_AS_MODEL if same(k, v) else v for k, v in part.items()}
+
+
+def _resolve(part: dict | None, model: dict) -> dict | None:
+    """`_refer` undone: copies, since the model trains on in place."""
+    if part is None:
+        return None
+    return {k: model[k].clone() if isinstance(v, str) and v == SAME_AS_MODEL else v
+            for k, v in part.items()}
 
 
 def stage_weights(stage_models: dict[str, dict]) -> dict[str, dict]:
