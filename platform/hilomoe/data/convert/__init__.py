@@ -25,7 +25,9 @@ threads and Ray tasks compute chunks in any order, the driver consumes them in c
 file smaller than the chunk size (32 MiB) is one chunk, as the line-by-line converter this
 replaces made one chunk of up to 100,000 lines; the output (dataset.json, shards, content hash)
 is byte-identical to that converter's for such inputs and for every Parquet input
-(tests/golden/convert/ holds its outputs; tests/test_convert.py compares). Larger text files give
+(tests/golden/convert/ holds its outputs; tests/test_convert.py compares), but where that
+converter accepted a non-finite number or counted a row's problems one by one (golden.py's
+CASE_COMMITS). Larger text files give
 the same rows in the same splits (numerics up to the rounding of their sums), written in other
 chunks (another content hash).
 
