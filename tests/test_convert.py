@@ -245,6 +245,88 @@ def test_movielens_join_labels_latin1_and_time_split(tmp_path):
         convert("movielens", [inputs[0], inputs[2]], tmp_path / "bad")
 
 
+def _criteo_row(label: str = "1", **fields: str) -> str:
+    """A well-formed Criteo line (integers 4, ids 00000001) with `fields` replaced: I1="x"
+    sets the first integer, C3="" the third id."""
+    row = {"label": label, **{f"I{i}": "4" for i in range(1, 14)},
+           **{f"C{i}": "00000001" for i in range(1, 27)}}
+    row.update(fields)
+    return "\t".join(row.values())
+
+
+def _append(path: Path, lines: list[str]) -> None:
+    with open(path, "a") as f:
+        f.write("".join(line + "\n" for line in lines))
+
+
+def test_a_row_with_many_problems_counts_once_and_lists_them_together(tmp_path):
+    """rows_skipped counts rows: 6 malformed rows, one with text in all 13 integer fields and
+    one with a bad label and a bad integer, are 6 (not 19 problems); each example names every
+    problem of its row."""
+    src = golden.write_criteo_planted(tmp_path / "day.txt", rows=200)
+    _append(src, ["1\t2\t3",  # line 201: a wrong field count
+                  _criteo_row("2"),  # 202: a bad label
+                  _criteo_row("x", I2="y"),  # 203: a bad label and a bad integer
+                  _criteo_row(**{f"I{i}": "x" for i in range(1, 14)}),  # 204: 13 bad integers
+                  _criteo_row(I4="1.5"),  # 205: not an integer
+                  _criteo_row(I5="abc")])  # 206: not a number
+    for chunk_bytes in (None, 3000):
+        res = convert("criteo", [src], tmp_path / f"out{chunk_bytes}",
+                      ConvertOptions(min_count=1), chunk_bytes=chunk_bytes)
+        assert res["rows_skipped"] == 6
+        assert res["extra"]["rows_skipped"] == 6
+        assert sum(s["rows"] for s in res["splits"].values()) == 200
+        examples = {e.split(": ", 1)[0].rsplit(":", 1)[1]: e.split(": ", 1)[1]
+                    for e in res["skipped_examples"]}
+        assert examples["203"] == "label 'x' is not 0 or 1; I2 is not a number: 'y'"
+        assert examples["204"] == "; ".join(f"I{i} is not a number: 'x'" for i in range(1, 14))
+        assert examples["201"] == "3 fields where 40 are expected"
+        assert len(res["skipped_examples"]) == 5
+
+
+def test_non_finite_numbers_are_malformed_rows(tmp_path):
+    """inf, 1e400 (read as inf) and nan are no numbers: their rows are counted as malformed
+    like other unreadable integers, and neither the buckets nor the standardised numerics see
+    an infinity (one inf used to turn a whole numeric column into inf / NaN)."""
+    src = golden.write_criteo_planted(tmp_path / "day.txt", rows=300)
+    _append(src, [_criteo_row(I5="inf"), _criteo_row(I3="1e400"), _criteo_row(I7="nan"),
+                  _criteo_row(I1="-inf"), _criteo_row(I2="NaN")])
+    for mode in ("categorical", "numeric"):
+        res = convert("criteo", [src], tmp_path / mode,
+                      ConvertOptions(min_count=1, criteo_ints=mode))
+        assert res["rows_skipped"] == 5, mode
+        text = "\n".join(res["skipped_examples"])
+        for line, fragment in ((301, "I5 is not a finite number: 'inf'"),
+                               (302, "I3 is not a finite number: '1e400'"),
+                               (303, "I7 is not a finite number: 'nan'"),
+                               (304, "I1 is not a finite number: '-inf'"),
+                               (305, "I2 is not a finite number: 'NaN'")):
+            assert f"day.txt:{line}: {fragment}" in text
+        assert sum(s["rows"] for s in res["splits"].values()) == 300
+    _, splits = read_all(tmp_path / "numeric")
+    num = all_rows(splits)[1]
+    assert num.shape == (300, 13) and np.isfinite(num).all()
+    assert np.allclose(num.mean(0), 0.0, atol=1e-4)  # standardised over the 300 good rows
+
+    # the table format's numeric columns, from text and from Parquet floats, alike
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    csv, spec = golden.write_table(tmp_path)
+    _append(csv, ["1,u1,i1,inf,a", "0,u2,i2,-1e400,b", "1,u3,i1,nan,c"])
+    res = convert("table", [csv], tmp_path / "table", ConvertOptions(min_count=1),
+                  field_spec=spec)
+    assert res["rows_skipped"] == 4  # "oops", then the three non-finite prices
+    assert f"{csv}:7: price is not a finite number: '-1e400'" in res["skipped_examples"]
+    pq.write_table(pa.table({"label": [1, 0, 1], "user": ["u1", "u2", "u3"],
+                             "item": ["a", "b", "c"], "price": [1.0, float("inf"), 2.0],
+                             "note": ["", "", ""]}), tmp_path / "t.parquet")
+    res = convert("table", [tmp_path / "t.parquet"], tmp_path / "pq",
+                  ConvertOptions(min_count=1), field_spec=spec)
+    assert res["skipped_examples"] == [f"{tmp_path / 't.parquet'}:row 1: price is not a "
+                                       f"finite number: 'inf'"]
+
+
 # -- bounded vocabularies ------------------------------------------------------------------------
 
 
@@ -304,6 +386,68 @@ def test_max_vocab_without_pruning_equals_the_exact_top_n(tmp_path):
         ids = exact[split][0][:, 13:]
         np.testing.assert_array_equal(top[split][0][:, 13:], np.where(ids <= 20, ids, 0))
     assert "max_vocab" not in full["extra"]
+
+
+def _distinct_csv(path: Path, rows: int) -> Path:
+    """A CSV of `rows` rows whose two categorical columns hold a distinct value in every row
+    (the worst case for a count table): label,a,b with a = "a<i>", b = "b<i * 7919 mod rows>"."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.csv as pacsv
+
+    i = np.arange(rows, dtype=np.int64)
+    a = pc.binary_join_element_wise("a", pc.cast(pa.array(i), pa.string()), "")
+    b = pc.binary_join_element_wise("b", pc.cast(pa.array(i * 7919 % rows), pa.string()), "")
+    with open(path, "wb") as f:
+        f.write(b"label,a,b\n")
+        pacsv.write_csv(pa.table({"label": pa.array(i % 3 == 0).cast(pa.int8()), "a": a, "b": b}),
+                        f, pacsv.WriteOptions(include_header=False, quoting_style="none"))
+    return path
+
+
+_MEASURE = """
+import json, sys
+import pyarrow as pa
+from hilomoe.data.convert import ConvertOptions, convert
+src, spec, out, max_vocab, chunk_bytes = sys.argv[1:]
+res = convert("table", [src], out, ConvertOptions(min_count=1, max_vocab=int(max_vocab)),
+              field_spec=spec, chunk_bytes=int(chunk_bytes))
+print(json.dumps({"arrow_peak_bytes": pa.default_memory_pool().max_memory(), **{
+    k: res[k] for k in ("peak_rss_mb", "count_table_peak_entries", "rows_skipped", "fields")}}))
+"""
+
+
+@pytest.mark.slow
+def test_max_vocab_bounds_the_count_tables_on_two_million_distinct_values(tmp_path,
+                                                                          record_property):
+    """2 million distinct values in each of two fields, counted with --max-vocab N in 1 MiB
+    chunks (in a fresh process, so its memory is the conversion's): a count table never holds
+    more than 8N + one chunk's values (the README's bound), and Arrow's peak allocation stays
+    below what the fields' distinct values alone take (an exact count holds them all)."""
+    import subprocess
+    import sys
+
+    rows, n, chunk_bytes = 2_000_000, 1000, 1 << 20
+    src = _distinct_csv(tmp_path / "wide.csv", rows)
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("columns:\n  label: label\n  a: categorical\n  b: categorical\n")
+    proc = subprocess.run([sys.executable, "-c", _MEASURE, str(src), str(spec),
+                           str(tmp_path / "out"), str(n), str(chunk_bytes)],
+                          capture_output=True, text=True, check=True)
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    record_property("peak_rss_mb", res["peak_rss_mb"])
+    record_property("arrow_peak_mb", res["arrow_peak_bytes"] / 2**20)
+    print(f"2M distinct values x 2 fields, --max-vocab {n}: peak RSS {res['peak_rss_mb']:.0f} MB,"
+          f" Arrow peak {res['arrow_peak_bytes'] / 2**20:.1f} MB, count tables "
+          f"{res['count_table_peak_entries']}")
+    assert res["rows_skipped"] == 0
+    assert [f["vocab_size"] for f in res["fields"]] == [n + 1, n + 1]
+    one_chunk = chunk_bytes // len("0,a0,b0\n")  # a chunk's rows, at most
+    for field, peak in res["count_table_peak_entries"].items():
+        assert 2 * n < peak <= 8 * n + one_chunk < rows // 10, field
+    # the values' bytes and 4-byte offsets: what the tables would hold without the bound
+    distinct_bytes = 2 * (sum(len(str(i)) + 1 for i in range(rows)) + 4 * rows)
+    assert res["arrow_peak_bytes"] < distinct_bytes
 
 
 # -- the planted TSV ----------------------------------------------------------------------------

@@ -25,7 +25,9 @@ threads and Ray tasks compute chunks in any order, the driver consumes them in c
 file smaller than the chunk size (32 MiB) is one chunk, as the line-by-line converter this
 replaces made one chunk of up to 100,000 lines; the output (dataset.json, shards, content hash)
 is byte-identical to that converter's for such inputs and for every Parquet input
-(tests/golden/convert/ holds its outputs; tests/test_convert.py compares). Larger text files give
+(tests/golden/convert/ holds its outputs; tests/test_convert.py compares), but where that
+converter accepted a non-finite number or counted a row's problems one by one (golden.py's
+CASE_COMMITS). Larger text files give
 the same rows in the same splits (numerics up to the rounding of their sums), written in other
 chunks (another content hash).
 
@@ -36,8 +38,10 @@ at hand) when the input spans more than one chunk (a one-chunk input gains nothi
 The inputs must then be readable at the same paths on every node.
 
 Memory is bounded by the chunks in flight (threads + 1, at most MAX_THREADS threads) plus the
-count tables (bounded by `max_vocab`): ~500-600 MB peak for 1M or 2M Criteo rows with 100k ids
-per field on 2 cores (`hilomoe bench convert`).
+count tables: one entry per distinct value without `max_vocab`; with it, fewer than 8 * max_vocab
+entries plus one chunk's distinct values per field, whatever the input (vocab.py; the result's
+`count_table_peak_entries` reports the most each field held). ~500-600 MB peak for 1M or 2M
+Criteo rows with 100k ids per field on 2 cores (`hilomoe bench convert`).
 """
 
 from __future__ import annotations
@@ -144,7 +148,8 @@ def convert(fmt_name: str, inputs: list[str | Path], out: str | Path,
     return {**meta.model_dump(mode="json"), "rows_skipped": problems.count,
             "skipped_examples": problems.examples, "seconds": time.perf_counter() - t0,
             "pass1_seconds": t2 - t1, "pass2_seconds": t3 - t2, "chunks": len(chunks),
-            "ray": use_ray, "peak_rss_mb": peak_rss_mb()}
+            "ray": use_ray, "peak_rss_mb": peak_rss_mb(),
+            "count_table_peak_entries": dict(zip(fmt.cat_fields, stats.table_peak))}
 
 
 @dataclass
@@ -155,6 +160,7 @@ class Stats:
     chunk_rows: list[int]  # checked rows per chunk
     encoders: list[Encoder]
     count_error: list[int]  # per categorical field: how low a count may be (max_vocab)
+    table_peak: list[int]  # per categorical field: the most count-table entries held at once
     mean: np.ndarray
     std: np.ndarray
     bounds: tuple[int, int] | None  # time split: the keys at which valid and test begin
@@ -198,7 +204,8 @@ def _pass1(fmt, chunks, runner, cache, problems: Problems, options: ConvertOptio
     std = np.where(std > 0, std, 1.0)
     rows = sum(chunk_rows)
     bounds = _time_bounds(*times.result(), options) if options.split == "time" and rows else None
-    return Stats(rows, chunk_rows, encoders, [c.error for c in fields], mean, std, bounds)
+    return Stats(rows, chunk_rows, encoders, [c.error for c in fields],
+                 [c.peak_entries for c in fields], mean, std, bounds)
 
 
 def _pass2(fmt, chunks, runner, cache, stats: Stats, writer: DatasetWriter,

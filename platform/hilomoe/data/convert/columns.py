@@ -14,6 +14,7 @@ in the order the checks run, each worded like before.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -100,25 +101,33 @@ def check_label(raw: RawRows, k: int, table_style: bool = False) -> tuple[np.nda
     return label, good
 
 
-def _float_or_none(s: str) -> float | None:
+def _finite_or_none(s: str) -> float | None:
+    """What `float()` reads, if that is a finite number: "inf", "1e400" (which float() reads
+    as inf) and "nan" are not numbers a column can hold; one would turn the column's mean and
+    spread into inf or NaN, or pass for a missing value."""
     try:
-        return float(s)
+        v = float(s)
     except ValueError:
         return None
+    return v if math.isfinite(v) else None
 
 
 def numbers(raw: RawRows, k: int, name: str, missing_ok: bool = True
             ) -> tuple[np.ndarray, np.ndarray]:
-    """Column k as float64 (NaN for empty): (values, ok). A text that is not a number, or an
-    empty one where `missing_ok` is False, is a problem and its row is not ok."""
+    """Column k as float64 (NaN for empty): (values, ok). A text that is not a finite number,
+    or an empty one where `missing_ok` is False, is a problem and its row is not ok."""
     column = raw.columns[k]
-    if pa.types.is_floating(column.type):  # the typed fast path: no text, no problem but empty
+    if pa.types.is_floating(column.type):  # the typed fast path: no text (typed_floats_exact)
         values = column.to_numpy(zero_copy_only=False).astype(np.float64, copy=False)
         missing = column.is_null().to_numpy(zero_copy_only=False)
-        ok = np.ones(len(values), dtype=bool) if missing_ok else ~missing
-        raw.problems.add_rows(np.flatnonzero(~ok), lambda i: f"empty {name}", raw.locate)
+        ok = np.isfinite(values) | missing
+        if not missing_ok:
+            ok &= ~missing
+        raw.problems.add_rows(
+            np.flatnonzero(~ok), lambda i: f"empty {name}" if missing[i] else
+            f"{name} is not a finite number: {float(values[i])!r}", raw.locate)
         return values, ok
-    codes, results = per_value(column, lambda s: (s, None if s == "" else _float_or_none(s)))
+    codes, results = per_value(column, lambda s: (s, None if s == "" else _finite_or_none(s)))
     indices = codes.indices
     empty = np.array([s == "" for s, _ in results], dtype=bool)[indices]
     unread = np.array([s != "" and v is None for s, v in results], dtype=bool)[indices]
@@ -127,14 +136,26 @@ def numbers(raw: RawRows, k: int, name: str, missing_ok: bool = True
 
     def reason(i: int) -> str:
         s = results[indices[i]][0]
-        return f"empty {name}" if s == "" else f"{name} is not a number: {s[:20]!r}"
+        if s == "":
+            return f"empty {name}"
+        if _finite_or_none(s) is None and _float_or_none(s) is not None:
+            return f"{name} is not a finite number: {s[:20]!r}"
+        return f"{name} is not a number: {s[:20]!r}"
 
     raw.problems.add_rows(np.flatnonzero(bad), reason, raw.locate)
     return values, ~bad
 
 
+def _float_or_none(s: str) -> float | None:
+    try:
+        return float(s)
+    except ValueError:
+        return None
+
+
 def typed_floats_exact(raw: RawRows) -> bool:
-    """Whether the typed columns read like Python's float() would: pyarrow also reads forms
-    such as "nan(1)" as NaN, so a chunk with a NaN is read again as text."""
-    return not any(pa.types.is_floating(c.type) and pc.any(pc.is_nan(c)).as_py()
+    """Whether the typed columns read like Python's float() would, and hold finite numbers
+    only: pyarrow also reads forms such as "nan(1)" as NaN, and a non-finite value is reported
+    with its text, so a chunk with a NaN or an infinity is read again as text."""
+    return not any(pa.types.is_floating(c.type) and not pc.all(pc.is_finite(c)).as_py()
                    for c in raw.columns)

@@ -88,7 +88,7 @@ def _log_square(v: np.ndarray) -> np.ndarray:
 
 def bucket_codes(v: np.ndarray) -> Codes:
     """The usual Criteo integer transform as codes: v > 2 -> floor(log(v)^2), else v, each
-    bucket named by its decimal text; NaN (missing) -> "". `v` holds integers (or +-inf)."""
+    bucket named by its decimal text; NaN (missing) -> "". `v` holds finite integers (`numbers`)."""
     lo, hi = np.fmin.reduce(v, initial=np.inf), np.fmax.reduce(v, initial=-np.inf)  # NaN-blind
     missing = np.isnan(v)
     if np.isfinite(lo) and np.isfinite(hi) and hi - lo < 1 << 16:

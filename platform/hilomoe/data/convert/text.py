@@ -3,9 +3,11 @@
 A converter reads its input in chunks (chunks.py); a chunk's problems are found where the chunk is
 parsed (maybe in another process), the whole conversion's `Problems` report is kept in the driver:
 
-    ChunkProblems   per chunk: how many, and the first few as (position in the chunk, reason), in
-                    the order the checks found them: structural problems (a wrong field count,
-                    undecodable bytes) by line, then the format's value checks column by column
+    ChunkProblems   per chunk: how many malformed rows (a row failing several checks is one row),
+                    and the first few rows as (position in the chunk, reasons), in the order the
+                    checks found them: structural problems (a wrong field count, undecodable
+                    bytes) by line, then the format's value checks column by column; an example
+                    row lists all its problems
     Problems        per conversion: the count and the first few as "file:line: reason"; under
                     `strict` the first one raises instead
 
@@ -57,13 +59,19 @@ class Problems:
 
 @dataclass
 class ChunkProblems:
-    """One chunk's malformed rows: the count, and the first EXAMPLES as (position, reason) with
-    the position a line index from the chunk's first line (text) or a row index (Parquet)."""
+    """One chunk's malformed rows: how many rows (not problems: a row failing several checks
+    counts once), and the first EXAMPLES rows as (position, reasons) with the position a line
+    index from the chunk's first line (text) or a row index (Parquet), and reasons all of that
+    row's problems, "; "-joined in the order the checks ran."""
 
     count: int = 0
     examples: list[tuple[int, str]] = field(default_factory=list)
+    # parsed-row indices already counted by add_rows (sorted), and which example each names
+    _rows: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    _example_of: dict[int, int] = field(default_factory=dict)
 
     def add_at(self, position: int, reason: str) -> None:
+        """A line that is not a row (a structural problem): one row, one problem."""
         self.count += 1
         if len(self.examples) < EXAMPLES:
             self.examples.append((position, reason))
@@ -71,12 +79,25 @@ class ChunkProblems:
     def add_rows(self, rows: np.ndarray, reason: Callable[[int], str],
                  locate: Callable[[np.ndarray], np.ndarray]) -> None:
         """Problems at parsed-row indices `rows` (ascending); `reason(row)` words one, `locate`
-        turns row indices into positions. Only the first few are worded and located."""
+        turns row indices into positions. A row seen by an earlier check is not counted again;
+        only the example rows' problems are worded."""
+        if not len(rows):
+            return
+        rows = np.asarray(rows, dtype=np.int64)
+        named = np.fromiter(self._example_of, dtype=np.int64, count=len(self._example_of))
+        for r in np.intersect1d(rows, named).tolist():  # more problems of an example row
+            k = self._example_of[r]
+            position, reasons = self.examples[k]
+            self.examples[k] = (position, f"{reasons}; {reason(r)}")
+        new = rows[~np.isin(rows, self._rows, assume_unique=True)] if len(self._rows) else rows
         room = EXAMPLES - len(self.examples)
-        if room > 0 and len(rows):
-            first = rows[:room]
-            self.examples += [(int(p), reason(int(r))) for r, p in zip(first, locate(first))]
-        self.count += len(rows)
+        if room > 0 and len(new):
+            first = new[:room]
+            for r, p in zip(first.tolist(), locate(first).tolist()):
+                self._example_of[r] = len(self.examples)
+                self.examples.append((int(p), reason(r)))
+        self.count += len(new)
+        self._rows = np.union1d(self._rows, new) if len(self._rows) else new
 
 
 @dataclass

@@ -15,7 +15,11 @@ Bounded memory (`max_vocab` = N). The vocabulary keeps the N most frequent value
 need not hold every value: when a merge leaves it with more than CAPACITY_FACTOR * N = 4N entries,
 the entries counted at most c times are dropped, c being the (2N + 1)-th largest count, so at most
 2N remain; c is added to the field's error bound E (reported in dataset.json as
-extra.vocab_count_error). Guarantees, per field:
+extra.vocab_count_error). Memory: pending reports are merged once they hold as many entries as
+the table (at least MERGE_ENTRIES), or 4N if that is fewer, so a merge sees at most 4N table
+entries, fewer than 4N pending ones and the last chunk's values: fewer than 8N + (one chunk's
+distinct values) entries at any time, however many distinct values the input holds
+(`peak_entries`). Guarantees, per field:
 
   * a count is never too high, and is low by at most E: a dropped value that comes back starts
     again from zero, and each prune takes at most c of its occurrences;
@@ -71,6 +75,7 @@ class FieldCounts:
         self.capacity = None if max_vocab is None else CAPACITY_FACTOR * max_vocab
         self.keep = None if max_vocab is None else 2 * max_vocab
         self.error = 0  # the most any count may be low by
+        self.peak_entries = 0  # the most entries merged at once (table + pending): the memory
         self.positions_dir = positions_dir  # None once a prune has moved the table's entries
         self._pending: list[tuple] = []  # add()'s arguments
         self._pending_entries = 0
@@ -97,6 +102,7 @@ class FieldCounts:
             return
         pending, self._pending, self._pending_entries = self._pending, [], 0
         values = pa.concat_arrays([self.values, *(p[1] for p in pending)])
+        self.peak_entries = max(self.peak_entries, len(values))
         weights = np.concatenate([self.counts, *(p[2] for p in pending)])
         # the table comes first, so its entries keep their positions in the new dictionary
         enc = values.dictionary_encode()
