@@ -56,7 +56,10 @@ def _run_study(tr: Tracker, tmp_path: Path, model: torch.nn.Module | None = None
         tr.finish_trial(trial, {"valid_auc": _auc(i, 2)}, record=_record(i, trial),
                         artifacts={"curves": {"auc": [_auc(i, e) for e in range(3)]}})
     if model is not None:
-        tr.log_model("t0", model)
+        tr.log_model(model, input_example=torch.ones(2, 3).numpy(),
+                     metrics={"valid_auc": _auc(0, 2), "test_auc": 0.61, "nan": math.nan},
+                     params={"model": {"moe": {"experts": 4}}}, tags={"hilomoe.trial_id": "t0"},
+                     register="study-a-best")
     report = tmp_path / "report"
     report.mkdir(exist_ok=True)
     (report / "pareto.json").write_text('{"front": [1]}')
@@ -105,7 +108,9 @@ def test_study_on_sqlite(monkeypatch, tmp_path):
     assert parent.data.tags["hilomoe.role"] == "study"
     assert parent.data.tags["hilomoe.study"] == "s"
     assert parent.data.params == {"name": "s", "budget.trials": "2", "budget.concurrency": "1"}
-    assert parent.data.metrics == {"best/valid_auc": pytest.approx(_auc(1, 2))}
+    # its own metrics, and the best model's (MLflow keeps a model's metrics on its run)
+    assert parent.data.metrics == {"best/valid_auc": pytest.approx(_auc(1, 2)),
+                                   "valid_auc": pytest.approx(_auc(0, 2)), "test_auc": 0.61}
     assert [f.path for f in client.list_artifacts(parent.info.run_id, "report")] == \
         ["report/pareto.json"]
 
@@ -124,7 +129,8 @@ def test_study_on_sqlite(monkeypatch, tmp_path):
         assert _history(client, run.info.run_id, "base/valid_auc") == \
             [(e, pytest.approx(_auc(i, e))) for e in range(3)]
         assert {"base/loss", "note", "inf"}.isdisjoint(run.data.metrics)
-        assert _history(client, run.info.run_id, "valid_auc") == [(2, pytest.approx(_auc(i, 2)))]
+        # a summary is one value per run, at step 0 (one bar per trial across runs)
+        assert _history(client, run.info.run_id, "valid_auc") == [(0, pytest.approx(_auc(i, 2)))]
         dst = tmp_path / "dl" / trial
         assert _artifact_json(client, run.info.run_id, "trial.json", dst) == _record(i, trial)
         assert _artifact_json(client, run.info.run_id, "config.json", dst) == \
@@ -132,14 +138,29 @@ def test_study_on_sqlite(monkeypatch, tmp_path):
         assert _artifact_json(client, run.info.run_id, "curves.json", dst) == \
             {"auc": [_auc(i, e) for e in range(3)]}
 
-    # The model: a LoggedModel of trial t0's run, loadable, and t0 stays FINISHED.
+    # The model: a LoggedModel of the study run with the final metrics (none of the run's
+    # own), its params and tags, a signature from the input example, loadable, registered.
     import mlflow.pytorch
+    from mlflow.models import get_model_info
 
     models = client.search_logged_models(experiment_ids=[tr.experiment_id])
-    assert [m.source_run_id for m in models] == [tr.run_ids["t0"]]
-    local = Path(urllib.parse.urlparse(models[0].artifact_location).path)
+    assert [m.source_run_id for m in models] == [tr.parent_run_id]
+    logged = models[0]
+    assert {m.key: m.value for m in logged.metrics} == \
+        {"valid_auc": pytest.approx(_auc(0, 2)), "test_auc": pytest.approx(0.61)}
+    assert logged.params["model.moe.experts"] == "4"
+    assert logged.tags["hilomoe.trial_id"] == "t0"
+    info = get_model_info(f"models:/{logged.model_id}")
+    assert info.signature.inputs.inputs[0].shape == (-1, 3)
+    local = Path(urllib.parse.urlparse(logged.artifact_location).path)
     loaded = mlflow.pytorch.load_model(str(local))
     assert torch.equal(loaded.weight, model.weight)
+    versions = client.search_model_versions("name = 'study-a-best'")
+    assert [client.get_model_version(v.name, v.version).source for v in versions] == \
+        [f"models:/{logged.model_id}"]
+    assert client.get_experiment(tr.experiment_id).tags["mlflow.experimentKind"] == \
+        "custom_model_development"
+    assert client.get_experiment("0").lifecycle_stage == "deleted"  # the empty Default
 
     records, parent_id = load_records("study-a", uri)
     assert parent_id == tr.parent_run_id
@@ -205,7 +226,7 @@ def test_unreachable_server_buffers(tmp_path, retry_every_s):
             calls += 1
         tr.finish_trial(trial, {"valid_auc": 0.7}, record=_record(i, trial))
         calls += 1
-    tr.log_model("t0", torch.nn.Linear(2, 1))
+    tr.log_model(torch.nn.Linear(2, 1))
     tr.log_study_metrics({"best": 1.0})
     calls += 2
     elapsed = time.monotonic() - start
@@ -265,7 +286,7 @@ def test_outage_replays_in_order(monkeypatch, tmp_path):
     for step in range(3):
         tr.log_metrics("t1", {"m": 10.0 + step}, step=step)
     model = torch.nn.Linear(2, 1)
-    tr.log_model("t1", model)
+    tr.log_model(model)
     expected = model.weight.detach().clone()
     with torch.no_grad():
         model.weight.add_(1.0)            # it keeps training after the call

@@ -60,11 +60,14 @@ def checkpoint_score(stage_index: int, valid_auc: float) -> float:
     return stage_index + (valid_auc if valid_auc == valid_auc else 0.0)
 
 
-def epoch_metrics(record: EpochRecord, world: int, stage_index: int, elapsed: float) -> dict:
-    """The flat metrics every rank reports after an epoch."""
+def epoch_metrics(record: EpochRecord, world: int, stage_index: int, elapsed: float,
+                  global_epoch: int = 0) -> dict:
+    """The flat metrics every rank reports after an epoch; `epoch` counts within the stage,
+    `global_epoch` across the run's stages (the x axis of a whole run's curves)."""
     samples = record.samples * world  # every rank trains an equal share
     return {
         "stage": record.stage, "stage_index": stage_index, "epoch": record.epoch,
+        "global_epoch": global_epoch,
         **{f"train_{k}": v for k, v in record.train.items()},
         **{f"valid_{k}": v for k, v in record.valid.items()},
         "samples": samples, "epoch_seconds": record.seconds,
@@ -219,8 +222,11 @@ class Session:
     def on_epoch(self, record: EpochRecord, reused: bool = False) -> None:
         """Report an epoch; a reused one (trained by another session) carries no checkpoint:
         the next trained epoch's holds it."""
+        history = self.engine.history  # the record is its latest entry, or (replayed) one of them
+        index = next((i for i in range(len(history) - 1, -1, -1) if history[i] is record),
+                     len(history))
         metrics = epoch_metrics(record, self.parallel.world, self.plan.index(record.stage),
-                                self.elapsed())
+                                self.elapsed(), global_epoch=index)
         self.reporter.report({**metrics, **self.facts, "reused": reused},
                              {} if reused else self.files(), record)
 

@@ -48,7 +48,15 @@ _ENV_DEFAULTS = {
 
 ROLE_TAG = "hilomoe.role"          # "study" on the parent run, "trial" on each child run
 TRIAL_TAG = "hilomoe.trial_id"
+STATUS_TAG = "hilomoe.status"      # completed, pruned, reused or failed: how a trial ended
+REUSED_TAG = "hilomoe.reused_from"  # where a replayed trial's result was trained
 PARENT_TAG = "mlflow.parentRunId"  # what MLflow's UI nests runs by
+SEARCH_PREFIX = "search."          # the searched settings' params, apart from the fixed ones
+# MLflow 3's UI opens an experiment in its model-training view (runs, metrics, models) for this
+# kind; without it, the GenAI view (traces, evaluation runs) takes over.
+KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
+VIEW_KEY = "hilomoe"                 # the saved view: `#/experiments/<id>?viewStateShareKey=hilomoe`
+VIEW_TAG = f"mlflow.sharedViewState.{VIEW_KEY}"
 
 _MAX_PARAMS_PER_BATCH = 100
 _MAX_METRICS_PER_BATCH = 1000
@@ -100,6 +108,8 @@ def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     flat: dict[str, str] = {}
     for name, value in params.items():
         dotted = f"{prefix}{name}"
+        if value is None:  # an unset option says nothing a reader can use
+            continue
         if isinstance(value, Mapping) and value:
             flat.update(flatten(value, dotted + "."))
         else:
@@ -243,7 +253,6 @@ class Tracker:
         self._replayed = 0                   # buffered calls written since the outage began
         self._refusals: set[str] = set()
         self._open_trials: set[str] = set()
-        self._last_step: dict[str, int] = {}
         self._lock = threading.RLock()
 
     # ---- state -------------------------------------------------------------------------------
@@ -375,8 +384,50 @@ class Tracker:
                 self.experiment_id = found.experiment_id
             else:
                 self.experiment_id = client.create_experiment(
-                    self.experiment, artifact_location=self.artifact_location)
+                    self.experiment, artifact_location=self.artifact_location,
+                    tags={KIND_TAG: MODEL_TRAINING})
+                self._drop_empty_default()
+            if found is not None and found.tags.get(KIND_TAG) != MODEL_TRAINING:
+                client.set_experiment_tag(self.experiment_id, KIND_TAG, MODEL_TRAINING)
         return self.experiment_id
+
+    def _drop_empty_default(self) -> None:
+        """A new local store creates an empty `Default` experiment the user never asked for;
+        hide it (deleted, restorable). A tracking server's experiments belong to its users."""
+        if self.uri.startswith(("http://", "https://", "databricks")):
+            return
+        client = self._c()
+        default = client.get_experiment("0")
+        if default is not None and default.lifecycle_stage == "active" and not client.search_runs(
+                ["0"], max_results=1, run_view_type=3):  # 3: active and deleted runs alike
+            client.delete_experiment("0")
+
+    @_guarded
+    def set_view(self, columns: list[str], order_by: str, ascending: bool) -> None:
+        """The experiment's saved view: the runs table with `columns` (MLflow's column keys,
+        e.g. ``metrics.`valid_auc` ``), the trials nested under the study, best first. MLflow's
+        UI opens it at `view_url()`."""
+        state = {"searchFilter": "", "orderByKey": order_by, "orderByAsc": ascending,
+                 "startTime": "ALL", "lifecycleFilter": "Active", "datasetsFilter": [],
+                 "modelVersionFilter": "All Runs", "selectedColumns": columns,
+                 "runsExpanded": {}, "runsPinned": [], "runsHidden": [],
+                 "runsHiddenMode": "SHOW_ALL", "viewMaximized": False, "runListHidden": False,
+                 "hideEmptyCharts": True, "useGroupedValuesInCharts": True, "groupBy": None}
+        now = _now_ms()
+        envelope = json.dumps({"name": "hilomoe: trials", "createdAt": now, "updatedAt": now,
+                               "state": json.dumps(state)})
+
+        def write() -> None:
+            self._c().set_experiment_tag(self._ensure_experiment(), VIEW_TAG, envelope)
+
+        self._submit(_Op("the experiment's saved view", [write]))
+
+    def view_url(self, base: str) -> str | None:
+        """The experiment's page in MLflow's UI at `base` (e.g. http://127.0.0.1:5000), opened
+        on the saved view; None before the experiment exists."""
+        if self.experiment_id is None:
+            return None
+        return f"{base.rstrip('/')}/#/experiments/{self.experiment_id}?viewStateShareKey={VIEW_KEY}"
 
     def _trial_run(self, trial_id: str) -> str:
         run_id = self.run_ids.get(trial_id)
@@ -485,11 +536,12 @@ class Tracker:
 
     @_guarded
     def start_trial(self, trial_id: str, params: dict, config: dict,
-                    run_id: str | None = None) -> None:
-        """A child run named after the trial, with its params and `config.json`; `run_id`
+                    run_id: str | None = None, tags: dict | None = None) -> None:
+        """A child run named after the trial, with its params, `tags` and `config.json`; `run_id`
         reopens the trial's run of a resumed study (params it already holds are not re-logged)."""
         trial_id = str(trial_id)
         flat = flatten(params or {})
+        extra = {str(k): str(v) for k, v in (tags or {}).items()}
         config_text = _json_text(config or {})
         what = f"trial {trial_id}"
         self._open_trials.add(trial_id)
@@ -499,7 +551,7 @@ class Tracker:
             self.run_ids.pop(trial_id, None)
 
         def run_tags() -> dict[str, str]:
-            tags = {ROLE_TAG: "trial", TRIAL_TAG: trial_id}
+            tags = {**extra, ROLE_TAG: "trial", TRIAL_TAG: trial_id}
             if self.parent_run_id is not None:
                 tags[PARENT_TAG] = self.parent_run_id
             return tags
@@ -536,7 +588,6 @@ class Tracker:
         """Metrics of a trial at `step` (non-finite and non-numeric values are left out)."""
         trial_id = str(trial_id)
         kept = _finite(metrics)
-        self._last_step[trial_id] = max(int(step), self._last_step.get(trial_id, int(step)))
         if kept:
             self._submit(self._metric_op(f"metrics of trial {trial_id}", kept, step,
                                          lambda: self._trial_run(trial_id), trial_id))
@@ -544,9 +595,11 @@ class Tracker:
     @_guarded
     def finish_trial(self, trial_id: str, metrics: dict[str, float], status: str = "FINISHED",
                      record: dict | None = None,
-                     artifacts: dict[str, dict] | None = None) -> None:
-        """Final metrics, `trial.json` (the record), one JSON artifact per `artifacts` entry,
-        then the run ends with `status` (FINISHED, FAILED or KILLED)."""
+                     artifacts: dict[str, dict] | None = None,
+                     tags: dict | None = None) -> None:
+        """Final metrics, `tags`, `trial.json` (the record), one JSON artifact per `artifacts`
+        entry, then the run ends with `status` (FINISHED, FAILED or KILLED). The final metrics
+        are one value per run, at step 0: cross-run charts draw them as one bar per trial."""
         from mlflow.entities import Metric
 
         trial_id = str(trial_id)
@@ -554,8 +607,8 @@ class Tracker:
         status = status if status in _STATUSES else "FAILED"
         self._open_trials.discard(trial_id)
         ts = _now_ms()
-        step = self._last_step.get(trial_id, 0)
-        final = [Metric(k, v, ts, step) for k, v in _finite(metrics).items()]
+        final = [Metric(k, v, ts, 0) for k, v in _finite(metrics).items()]
+        run_tags = [_tag(str(k), str(v)) for k, v in (tags or {}).items()]
         texts: list[tuple[str, str]] = []
         if record is not None:
             texts.append(("trial.json", _json_text(record)))
@@ -564,6 +617,9 @@ class Tracker:
             texts.append((name, _json_text(content)))
 
         steps: list[Callable[[], None]] = []
+        if run_tags:
+            steps.append(lambda: self._c().log_batch(self._trial_run(trial_id), tags=run_tags,
+                                                     synchronous=True))
         for i in range(0, len(final), _MAX_METRICS_PER_BATCH):
             chunk = final[i:i + _MAX_METRICS_PER_BATCH]
             steps.append(lambda chunk=chunk: self._c().log_batch(
@@ -575,16 +631,20 @@ class Tracker:
         self._submit(_Op(f"the end of trial {trial_id}", steps, trial_id=trial_id))
 
     @_guarded
-    def log_model(self, trial_id: str | None, model: torch.nn.Module, name: str = "model") -> None:
-        """The model through `mlflow.pytorch` on the trial's run (None: on the study run)."""
+    def log_model(self, model: torch.nn.Module, input_example: Any = None,
+                  metrics: dict[str, float] | None = None, params: dict | None = None,
+                  tags: dict | None = None, register: str | None = None,
+                  name: str = "model") -> None:
+        """The model as an MLflow 3 LoggedModel of the study run, through `mlflow.pytorch`:
+        its signature inferred from `input_example`, `metrics` (the final ones) and `params`
+        on the model itself, `tags`; registered as `register` in the model registry when
+        given. Metrics the study run holds already are not linked to it."""
         holder = {"model": model}
-        trial = None if trial_id is None else str(trial_id)
-
-        def run() -> str:
-            return self._parent() if trial is None else self._trial_run(trial)
 
         def write() -> None:
-            self._log_model(run(), holder["model"], name)
+            self._log_model(self._parent(), holder["model"], name, input_example,
+                            _finite(metrics or {}), flatten(params or {}),
+                            {str(k): str(v) for k, v in (tags or {}).items()}, register)
 
         def freeze() -> None:     # the model keeps training: keep what it was at this call
             try:
@@ -592,13 +652,15 @@ class Tracker:
             except Exception:
                 pass
 
-        op = _Op(f"the model of {'the study' if trial is None else 'trial ' + trial}", [write])
+        op = _Op("the best model", [write])
         op.on_queue = freeze
         self._submit(op)
 
-    def _log_model(self, run_id: str, model, name: str) -> None:
+    def _log_model(self, run_id: str, model, name: str, input_example, metrics: dict,
+                   params: dict, tags: dict, register: str | None) -> None:
         import mlflow
         import mlflow.pytorch
+        from mlflow.entities import Metric
         from mlflow.tracking import fluent
         from mlflow.tracking._tracking_service import utils as tracking_utils
 
@@ -611,16 +673,22 @@ class Tracker:
         try:
             mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None)
             pushed = True
-            # "pickle": this torch would default to "pt2", which needs an input example;
-            # MLflow's warning about pickle says nothing the study can act on.
-            quiet = logging.getLogger("mlflow.pytorch")
-            level = quiet.level
-            quiet.setLevel(logging.ERROR)
+            # "pickle": "pt2" would export the routing's custom kernel; MLflow's warnings about
+            # pickle and about the environment say nothing the study can act on.
+            quiet = [logging.getLogger(n) for n in ("mlflow.pytorch", "mlflow.models.model",
+                                                     "mlflow.models.signature")]
+            levels = [q.level for q in quiet]
+            for q in quiet:
+                q.setLevel(logging.ERROR)
             try:
-                mlflow.pytorch.log_model(model, name=name, pip_requirements=_pip_requirements(),
-                                         serialization_format="pickle")
+                info = mlflow.pytorch.log_model(
+                    model, name=name, pip_requirements=_pip_requirements(),
+                    serialization_format="pickle", input_example=input_example,
+                    params=params or None, tags=tags or None, registered_model_name=register,
+                    step=-1)  # no study metric sits at step -1: none is linked to the model
             finally:
-                quiet.setLevel(level)
+                for q, level in zip(quiet, levels):
+                    q.setLevel(level)
         finally:
             if pushed:
                 # Leave the fluent run stack without `end_run`: that would mark the run
@@ -633,6 +701,10 @@ class Tracker:
                 os.environ.pop("MLFLOW_TRACKING_URI", None)
             else:
                 os.environ["MLFLOW_TRACKING_URI"] = saved_env
+        if metrics:
+            ts = _now_ms()
+            client.log_batch(run_id, metrics=[Metric(k, v, ts, 0, model_id=info.model_id)
+                                              for k, v in metrics.items()], synchronous=True)
         if before != "RUNNING":                    # start_run set it RUNNING; put it back
             client.update_run(run_id, status=before)
 
