@@ -33,6 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from hilomoe.atomic import publish_dir
 from hilomoe.config import format_validation_error
 from hilomoe.errors import DatasetError
 from hilomoe.schema import FeatureSchema
@@ -118,6 +119,9 @@ class DatasetWriter:
     rows_per_file: int = 1_000_000
     row_group_rows: int = 65_536
     overwrite: bool = False
+    # another writer's finished dataset at `out` stands and this one is dropped (two jobs
+    # synthesising the same cached dataset at once: neither deletes what the other wrote)
+    keep_existing: bool = False
     tmp: Path = field(init=False)
     _writers: dict = field(default_factory=dict, init=False)
     _rows: dict = field(default_factory=dict, init=False)
@@ -129,7 +133,7 @@ class DatasetWriter:
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
-        if self.out.exists() and not self.overwrite:
+        if self.out.exists() and not (self.overwrite or self.keep_existing):
             raise DatasetError(f"{self.out}: already exists; choose another --out or pass --overwrite.")
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
@@ -199,9 +203,8 @@ class DatasetWriter:
         })
         (self.tmp / META_FILE).write_text(meta.model_dump_json(indent=2) + "\n")
         os.chmod(self.tmp, 0o755)  # mkdtemp makes it private
-        if self.out.exists():  # overwrite: replace only once the new dataset is complete
-            shutil.rmtree(self.out)
-        os.replace(self.tmp, self.out)
+        # overwrite replaces only once the new dataset is complete
+        publish_dir(self.tmp, self.out, keep=self.keep_existing)
         self._closed = True
         return meta
 
