@@ -293,6 +293,16 @@ def test_threads_synthesising_the_same_dataset_get_one_whole_dataset(tmp_path, m
     assert [p.name for p in paths[0].parent.iterdir()] == [paths[0].name]
 
 
+def test_overwrite_replaces_a_dataset_whole(tmp_path):
+    spec = parse_config(TRAIN).data.synth
+    out = tmp_path / "ds"
+    first = write_synth(spec, out)["content_hash"]
+    second = write_synth(spec.model_copy(update={"seed": spec.seed + 1}), out,
+                         overwrite=True)["content_hash"]
+    assert second != first and open_dataset(out).meta.content_hash == second
+    assert [p.name for p in tmp_path.iterdir()] == ["ds"]
+
+
 def test_write_json_writers_of_one_path_never_share_a_temporary_file(tmp_path):
     path = tmp_path / "trials" / "t.json"
     start = threading.Barrier(2)
