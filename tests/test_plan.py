@@ -147,6 +147,7 @@ def test_a_continuous_space_is_planned_from_random_draws(cache):
 
 def test_a_base_already_in_the_stage_1_cache_costs_nothing(cache):
     from hilomoe.study.cache import Stage1Cache
+    from hilomoe.study.trial import trial_device
 
     spec = parse_study(STUDY, "planned.yaml")
     dataset = str(dataset_path(spec.train))
@@ -155,7 +156,7 @@ def test_a_base_already_in_the_stage_1_cache_costs_nothing(cache):
     costing = Costing(spec, dataset, cal, str(cache))
     before = costing.job(cfg, asha=False)
     assert before.base_s > 0
-    (cache / "stage1" / Stage1Cache.key(cfg, dataset)).mkdir(parents=True)
+    (cache / "stage1" / Stage1Cache.key(cfg, dataset, trial_device(spec))).mkdir(parents=True)
     after = costing.job(cfg, asha=False)
     assert (after.base_key, after.base_s, after.rest_s) == (before.base_key, 0.0, before.rest_s)
 

@@ -52,19 +52,23 @@ def test_a_planted_checkpoint_is_refused_and_runs_nothing(tmp_path):
     assert torch.equal(state["model"]["w"], torch.zeros(2)) and summary is None
 
 
-def test_planted_cache_entries_are_refused_and_run_nothing(tmp_path):
+def test_planted_cache_entries_are_misses_that_run_nothing(tmp_path):
+    """A cache entry is disposable: a planted one is refused like a checkpoint, but the trial
+    goes on (it trains what the entry claimed to hold) with one warning naming the file, and
+    the entry is removed."""
     marker = tmp_path / "pwned"
     stage1 = Stage1Cache(tmp_path / "stage1")
     plant(stage1.path("k") / WEIGHTS, marker)
     (stage1.path("k") / RECORDS).write_text('{"history": [], "seconds": 1.0}')
-    with pytest.raises(HilomoeError, match="refused"):
-        stage1.get("k")
+    with pytest.warns(RuntimeWarning, match=f"{stage1.path('k')}: unreadable .*refused"):
+        assert stage1.get("k") is None
     trials = TrialCache(tmp_path / "trials")
     plant(trials.path("k") / TrialCache.STATE, marker)
     (trials.path("k") / TrialCache.SUMMARY).write_text("{}")
-    with pytest.raises(HilomoeError, match="refused"):
-        trials.get("k")
+    with pytest.warns(RuntimeWarning, match="refused to load"):
+        assert trials.get("k") is None
     assert not marker.exists()
+    assert not stage1.path("k").exists() and not trials.path("k").exists()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -209,7 +209,9 @@ def cfg_with(dataset, **overrides):
 
 
 def test_the_cache_key_depends_on_the_base_and_not_on_the_experts(dataset):
-    key = Stage1Cache.key
+    def key(cfg, dataset):
+        return Stage1Cache.key(cfg, dataset, "cpu")
+
     base = key(cfg_with(dataset), dataset)
     assert key(cfg_with(dataset, **{"model.moe.experts": 2, "model.moe.levels": 3,
                                     "model.moe.variant": "flat", "stages.joint.lr": 0.1,
@@ -220,19 +222,26 @@ def test_the_cache_key_depends_on_the_base_and_not_on_the_experts(dataset):
         assert key(cfg_with(dataset, **change), dataset) != base, change
 
 
-def test_the_cache_key_changes_when_the_data_files_change(dataset, tmp_path):
+def test_the_cache_key_follows_the_data_content_not_file_times(dataset, tmp_path):
     import shutil
 
     copy = tmp_path / "copy"
     shutil.copytree(dataset, copy)
-    before = Stage1Cache.key(cfg_with(copy), copy)
+    before = Stage1Cache.key(cfg_with(copy), copy, "cpu")
+    assert Stage1Cache.key(cfg_with(dataset), dataset, "cpu") == before  # same content
     shard = next((copy / "train").glob("*.parquet"))
     shard.write_bytes(shard.read_bytes())  # same bytes, new modification time
-    assert Stage1Cache.key(cfg_with(copy), copy) != before
+    assert Stage1Cache.key(cfg_with(copy), copy, "cpu") == before
+    meta = json.loads((copy / "dataset.json").read_text())
+    meta["content_hash"] = "sha256:" + "0" * 64  # other rows: another content hash
+    (copy / "dataset.json").write_text(json.dumps(meta))
+    assert Stage1Cache.key(cfg_with(copy), copy, "cpu") != before
 
 
 def test_a_trial_key_is_the_whole_configuration_but_not_how_it_ran(dataset, tmp_path):
-    key = TrialCache.key
+    def key(cfg, dataset):
+        return TrialCache.key(cfg, dataset, "cpu")
+
     base = key(cfg_with(dataset), dataset)
     assert key(cfg_with(dataset, **{"ray.workers": 2, "ray.max_failures": 0}), dataset) == base
     for change in ({"model.moe.experts": 2}, {"stages.joint.lr": 0.01}, {"seed": 3}):
@@ -298,7 +307,7 @@ def test_a_trial_that_adopts_a_cached_stage_1_ends_where_training_it_would(datas
                                           "model.embedding.backend": backend}))
     list(donor.fit_stage(StageName.BASE, src["train"], src["valid"]))
     cache = Stage1Cache(tmp_path / "cache")
-    key = cache.key(cfg, dataset)
+    key = cache.key(cfg, dataset, "cpu")
     cache.put(key, Stage1Entry(donor.model.base_state(), list(donor.history), 1.5))
     entry = cache.get(key)
     assert entry.seconds == 1.5 and len(entry.history) == len(donor.history)

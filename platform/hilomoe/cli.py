@@ -628,6 +628,82 @@ def cmd_bench_study(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
+# cache
+
+
+def _cache_root(args: argparse.Namespace):
+    from pathlib import Path
+
+    from hilomoe.train.driver import cache_dir
+
+    return Path(args.dir) if args.dir else cache_dir()
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "K", "M", "G"):
+        if n < 1024:
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1024
+    return f"{n:.1f}T"
+
+
+def _ago(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+def _cache_rows(entries, now: float) -> list[dict]:
+    return [{"kind": e.kind, "key": e.key, "path": e.path, "bytes": e.bytes,
+             "age_s": now - e.created, "last_used_s": now - e.used} for e in entries]
+
+
+def _print_entries(title: str, rows: list[dict]) -> None:
+    out.print(_table(title, ["kind", "key", "size", "age", "last used"],
+                     [[r["kind"], r["key"], _bytes(r["bytes"]), _ago(r["age_s"]),
+                       _ago(r["last_used_s"]) + " ago"] for r in rows]))
+
+
+def cmd_cache_ls(args: argparse.Namespace) -> int:
+    import time
+
+    from hilomoe.study.cache import cache_entries
+
+    root, now = _cache_root(args), time.time()
+    rows = _cache_rows(cache_entries(root), now)
+    total = sum(r["bytes"] for r in rows)
+    if args.json:
+        _emit_json({"cache_dir": str(root), "entries": rows, "bytes": total})
+        return 0
+    _print_entries(f"{root}: {len(rows)} entries, {_bytes(total)}", rows)
+    return 0
+
+
+def cmd_cache_prune(args: argparse.Namespace) -> int:
+    import time
+
+    if args.older_than is None and args.max_size is None:
+        raise HilomoeError("cache prune: give --older-than DURATION and/or --max-size SIZE "
+                           "(e.g. --older-than 30d --max-size 20G).")
+    from hilomoe.study.cache import cache_entries, parse_duration, parse_size, prune_cache
+
+    older = parse_duration(args.older_than) if args.older_than is not None else None
+    cap = parse_size(args.max_size) if args.max_size is not None else None
+    root, now = _cache_root(args), time.time()
+    removed = _cache_rows(prune_cache(root, older, cap, now), now)
+    kept = sum(e.bytes for e in cache_entries(root))
+    freed = sum(r["bytes"] for r in removed)
+    if args.json:
+        _emit_json({"cache_dir": str(root), "removed": removed, "freed_bytes": freed,
+                    "bytes": kept})
+        return 0
+    _print_entries(f"{root}: removed {len(removed)} entries ({_bytes(freed)}); "
+                   f"{_bytes(kept)} kept", removed)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
 # parser
 
 
@@ -926,6 +1002,32 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("study_dir", metavar="STUDY_DIR")
     rc.add_argument("--flops", type=float, required=True, help="FLOPs per sample, at most")
     rc.add_argument("--verify", action="store_true", help="train the recommendation")
+    cache_sub = _group(sub, "cache", "list and prune the stage-1 and trial caches",
+                       "The stage-1 and trial caches that studies share ($HILOMOE_CACHE, "
+                       "default ~/.cache/hilomoe): list their entries, or remove the ones not "
+                       "used for a while and the least recently used until the rest fit a size.",
+                       "hilomoe cache prune --older-than 30d --max-size 20G")
+    for name, func, help, description, example in (
+            ("ls", cmd_cache_ls, "every cache entry: kind, key, size, age, last use",
+             "Every entry of the stage-1 and trial caches, least recently used first: its "
+             "kind (stage1 or trial), key, size on disk, age and when a trial last used it.",
+             "hilomoe cache ls --json"),
+            ("prune", cmd_cache_prune, "remove old and least recently used cache entries",
+             "Remove the entries not used for longer than --older-than, then the least "
+             "recently used ones until the rest hold at most --max-size. An entry a trial is "
+             "using right now is left alone.",
+             "hilomoe cache prune --older-than 30d --max-size 20G")):
+        cp = _command(cache_sub, name, func, config=False, help=help,
+                      description=description, example=example)
+        cp.add_argument("--dir", metavar="DIR", default=None,
+                        help="the cache directory (default: $HILOMOE_CACHE, else "
+                             "~/.cache/hilomoe)")
+        if name == "prune":
+            cp.add_argument("--older-than", metavar="DURATION", default=None,
+                            help="remove entries not used for longer than this (90m, 12h, 30d, 2w)")
+            cp.add_argument("--max-size", metavar="SIZE", default=None,
+                            help="then remove the least recently used until the rest fit "
+                                 "(500M, 20G; binary units)")
     ui = sub.add_parser(
         "ui", help="open the MLflow UI on the tracking store",
         description="Start the MLflow UI on the store studies log to: MLFLOW_TRACKING_URI, or "

@@ -33,6 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from hilomoe.atomic import publish_dir
 from hilomoe.config import PlainName, format_validation_error
 from hilomoe.errors import DatasetError
 from hilomoe.schema import FeatureSchema
@@ -118,6 +119,9 @@ class DatasetWriter:
     rows_per_file: int = 1_000_000
     row_group_rows: int = 65_536
     overwrite: bool = False
+    # another writer's finished dataset at `out` stands and this one is dropped (two jobs
+    # synthesising the same cached dataset at once: neither deletes what the other wrote)
+    keep_existing: bool = False
     tmp: Path = field(init=False)
     _writers: dict = field(default_factory=dict, init=False)
     _rows: dict = field(default_factory=dict, init=False)
@@ -129,7 +133,7 @@ class DatasetWriter:
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
-        if self.out.exists() and not self.overwrite:
+        if self.out.exists() and not (self.overwrite or self.keep_existing):
             raise DatasetError(f"{self.out}: already exists; choose another --out or pass --overwrite.")
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
@@ -199,9 +203,8 @@ class DatasetWriter:
         })
         (self.tmp / META_FILE).write_text(meta.model_dump_json(indent=2) + "\n")
         os.chmod(self.tmp, 0o755)  # mkdtemp makes it private
-        if self.out.exists():  # overwrite: replace only once the new dataset is complete
-            shutil.rmtree(self.out)
-        os.replace(self.tmp, self.out)
+        # overwrite replaces only once the new dataset is complete
+        publish_dir(self.tmp, self.out, keep=self.keep_existing)
         self._closed = True
         return meta
 
@@ -242,18 +245,33 @@ class Dataset:
 
     def fingerprint(self) -> str:
         """What the data is, for cache keys and resume: a hash of dataset.json, whose
-        `content_hash` the writer computed from every row it wrote. A hand-written dataset
-        without one is hashed shard by shard, byte by byte (size and mtime would survive
+        `content_hash` the writer computed from every row it wrote. A dataset written before
+        content hashes is hashed shard by shard, byte by byte (size and mtime would survive
         `cp -p` of an edited shard)."""
         h = hashlib.sha256((self.path / META_FILE).read_bytes())
         if not self.meta.content_hash:
             for split in self.meta.splits:
                 for f in self.files(split):
-                    h.update(f"{split}/{f.name}".encode())
-                    with open(f, "rb") as fh:
-                        for block in iter(lambda: fh.read(1 << 20), b""):
-                            h.update(block)
+                    h.update(f"{split}/{f.name}:{_file_hash(f)}".encode())
         return h.hexdigest()
+
+
+_SHARD_HASHES: dict[tuple, str] = {}
+
+
+def _file_hash(path: Path) -> str:
+    """A shard's sha256, hashed once per process while its inode, size, mtime and ctime stay
+    (`cp -p` cannot keep the ctime, so an edited shard is hashed again)."""
+    st = path.stat()
+    memo = (str(path.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns,
+            st.st_ctime_ns)
+    if memo not in _SHARD_HASHES:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        _SHARD_HASHES[memo] = h.hexdigest()
+    return _SHARD_HASHES[memo]
 
 
 def open_dataset(path: str | Path, check_shards: bool = True) -> Dataset:

@@ -49,16 +49,19 @@ class BayesAccumulator:
 
 
 def write_synth(spec: PlantedData, out: str | Path, chunk_rows: int = 262_144,
-                overwrite: bool = False, rows_per_file: int = 1_000_000) -> dict:
+                overwrite: bool = False, rows_per_file: int = 1_000_000,
+                keep_existing: bool = False) -> dict:
     """Generate `spec.rows` planted rows into a canonical dataset at `out`; return its
-    dataset.json content plus the generation rate."""
+    dataset.json content plus the generation rate. `keep_existing`: a dataset another writer
+    finished at `out` meanwhile stands (the same spec writes the same rows)."""
     t0 = time.perf_counter()
     model = PlantedModel(spec)
     rng = np.random.default_rng([spec.seed, 3])
     bayes = {s: BayesAccumulator() for s in SPLITS}
     p_valid, p_test = spec.valid_fraction, spec.test_fraction
     with DatasetWriter(Path(out), spec.categorical_fields, spec.numeric_fields,
-                       rows_per_file=rows_per_file, overwrite=overwrite) as writer:
+                       rows_per_file=rows_per_file, overwrite=overwrite,
+                       keep_existing=keep_existing) as writer:
         done = 0
         while done < spec.rows:
             n = min(chunk_rows, spec.rows - done)

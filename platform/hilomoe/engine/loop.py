@@ -30,6 +30,7 @@ from hilomoe.engine.metrics import RoutingStats, auc, logloss
 from hilomoe.engine.optimizers import make_optimizer, make_table_optimizer
 from hilomoe.engine.parallel import Parallel
 from hilomoe.engine.stages import StageSetup, prepare_stage, stage_plan
+from hilomoe.errors import HilomoeError
 from hilomoe.model.ctr import CTRModel
 
 
@@ -209,13 +210,23 @@ class Engine:
 
     def adopt_stage(self, name: StageName, weights: dict, history: list[EpochRecord]) -> None:
         """Take a stage that ran elsewhere (the study's stage-1 cache) as if this engine had run
-        it: its best weights (a subset of the model's, e.g. the base parameters) and its epoch
-        records. The model must be where that stage started (seeded, fresh)."""
+        it: its best weights and its epoch records. The model must be where that stage started
+        (seeded, fresh). Only stage 1 is adopted, and its weights are the base parameters:
+        exactly the model's state without the experts and routers (which stage 1 does not
+        train, and which keep their seeded start), nothing more and nothing less."""
         if self.completed or self.setup is not None:
             raise RuntimeError(f"adopt_stage({name.value}) needs a fresh engine")
-        unexpected = self.model.load_state_dict(weights, strict=False).unexpected_keys
-        if unexpected:
-            raise ValueError(f"stage {name.value} weights hold unknown parameters {unexpected}")
+        if name != StageName.BASE:
+            raise ValueError(f"adopt_stage takes stage {StageName.BASE.value}, not {name.value}")
+        state = set(self.model.state_dict())
+        base = state - self.model.expert_state_names()
+        missing, unexpected = sorted(base - set(weights)), sorted(set(weights) - base)
+        if missing or unexpected:
+            raise HilomoeError(
+                f"stage {name.value} weights do not match this model's base parameters "
+                f"(missing {_few(missing)}; unexpected {_few(unexpected)})")
+        # not strict only because the experts are absent, by design (checked above)
+        self.model.load_state_dict(weights, strict=False)
         self.history.extend(history)
         if self.keep_stage_models:
             self.stage_models[name.value] = copy.deepcopy(self.model.state_dict())
@@ -410,3 +421,11 @@ def run_stages(engine: Engine, train: BatchSource, valid: BatchSource, test: Bat
                 on_epoch(record)
     test_metrics = engine.evaluate(test.epoch(0))
     return {"stages": stage_results(engine.history), "test": test_metrics}
+
+
+def _few(names: list[str], shown: int = 3) -> str:
+    """A few names of a long list, for a one-sentence error."""
+    if not names:
+        return "none"
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more

@@ -122,10 +122,14 @@ class CTRModel(nn.Module):
     def expert_parameters(self) -> list[nn.Parameter]:
         return [p for layer in self.moe_layers() for p in layer.expert_parameters()]
 
+    def expert_state_names(self) -> set[str]:
+        """The state dict's names of the experts and routers (trained from stage 2 on)."""
+        experts = {id(p) for p in self.expert_parameters()}
+        return {n for n, p in self.named_parameters() if id(p) in experts}
+
     def base_state(self) -> dict[str, Tensor]:
         """The state dict without the experts: what the non-MoE model under this one holds."""
-        experts = {id(p) for p in self.expert_parameters()}
-        names = {n for n, p in self.named_parameters() if id(p) in experts}
+        names = self.expert_state_names()
         return {k: v.detach().clone() for k, v in self.state_dict().items() if k not in names}
 
     def base_parameters(self) -> list[nn.Parameter]:

@@ -268,9 +268,11 @@ class Costing:
 
     def job(self, cfg: TrainConfig, asha: bool) -> Job:
         from hilomoe.study.cache import Stage1Cache, TrialCache
+        from hilomoe.study.trial import trial_device
 
-        if self.cache_dir and (self.cache_dir / "trials" / TrialCache.key(cfg, self.dataset)
-                               ).is_dir():
+        device = trial_device(self.spec)
+        if self.cache_dir and (self.cache_dir / "trials"
+                               / TrialCache.key(cfg, self.dataset, device)).is_dir():
             return Job(None, 0.0, TRIAL_S)  # replayed
         stages = ([StageName.BASE] if not cfg.model.moe.has_experts
                   else [s for s in StageName if cfg.stages.get(s).enabled])
@@ -284,7 +286,7 @@ class Costing:
             return Job(None, 0.0, WORKER_GROUP_S + (base_s + rest) / workers)
         if not base_s:
             return Job(None, 0.0, rest)
-        key = Stage1Cache.key(cfg, self.dataset)
+        key = Stage1Cache.key(cfg, self.dataset, device)
         if self.cache_dir and (self.cache_dir / "stage1" / key).is_dir():
             return Job(key, 0.0, rest)
         return Job(key, base_s, rest)

@@ -22,6 +22,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from hilomoe.atomic import write_atomic
 from hilomoe.study.diagnostics import diagnostics
 from hilomoe.study.spec import StudySpec
 from hilomoe.study.trial import trial_cost
@@ -69,11 +70,9 @@ def jsonable(v: Any) -> Any:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    """Written aside and renamed: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=jsonable))
-    tmp.replace(path)
+    """Written aside under a unique name and renamed: a reader never sees half a file, and two
+    writers of the same path (a trial's callback and a resumed driver) never share a temp."""
+    write_atomic(path, json.dumps(obj, indent=2, default=jsonable))
 
 
 def save_record(study_dir: str | Path, record: dict) -> None:

@@ -29,7 +29,7 @@ from hilomoe.engine.local import Data, parquet_sources
 from hilomoe.engine.parallel import Parallel
 from hilomoe.errors import HilomoeError, out_of_memory
 from hilomoe.model.flops import model_cost
-from hilomoe.session import Session
+from hilomoe.session import Reporter, Session
 from hilomoe.study.cache import Stage1Cache, Stage1Entry, TrialCache
 from hilomoe.study.space import SearchSpace
 from hilomoe.study.spec import StudySpec
@@ -85,40 +85,56 @@ def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
         raise HilomoeError(message) from None
 
 
+def trial_device(study: StudySpec) -> torch.device:
+    """Where an in-process trial trains: Tune gives a trial that asked for a GPU its own
+    (CUDA_VISIBLE_DEVICES). Part of the cache keys (a result depends on the device)."""
+    return torch.device("cuda" if study.budget.gpus_per_trial > 0
+                        and torch.cuda.is_available() else "cpu")
+
+
 def _run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
     cfg = ctx.config(params)
     if cfg.ray.workers > 1:
         return _run_distributed(cfg, ctx)
     from ray import tune
 
+    run_in_process(cfg, ctx, RayReporter(tune))
+
+
+def run_in_process(cfg: TrainConfig, ctx: TrialContext, reporter: Reporter) -> None:
+    """A one-worker trial in this process, through the trial and stage-1 caches, reporting to
+    `reporter` (Tune's, in a study)."""
     torch.set_num_threads(ctx.threads)
     dataset = open_dataset(ctx.dataset)
     data = Data(dataset.schema, parquet_sources(dataset, cfg), dataset.meta.extra.get("bayes"))
-    # Tune gives a trial that asked for a GPU its own (CUDA_VISIBLE_DEVICES)
-    device = torch.device("cuda" if ctx.study.budget.gpus_per_trial > 0
-                          and torch.cuda.is_available() else "cpu")
+    device = trial_device(ctx.study)
     facts = {**trial_cost(cfg, dataset.schema), "stage1_reused": False, "stage1_seconds": 0.0,
              "trial_reused": False}
-    session = Session(cfg, data, RayReporter(tune), device, Parallel(device=device), facts)
-    trials = TrialCache(Path(ctx.cache_dir) / "trials") if ctx.cache_dir else None
-    key = trials.key(cfg, ctx.dataset) if trials else None
-    cached = trials.get(key) if trials and not session.restored else None
-    if cached is not None:  # this configuration was trained before: replay its result
-        session.facts.update(trial_reused=True)
-        session.replay(*cached)
+    session = Session(cfg, data, reporter, device, Parallel(device=device), facts)
+    if not ctx.cache_dir:
+        session.run()
         return
-    if not session.restored and ctx.cache_dir and session.plan[0] == StageName.BASE.value:
-        session.facts.update(_stage1(session, cfg, ctx))
-    summary = session.run()
-    if trials:
+    trials = TrialCache(Path(ctx.cache_dir) / "trials")
+    key = trials.key(cfg, ctx.dataset, device)
+    # one trial per configuration at a time: a second one waits, then replays the first's
+    with trials.claim(key):
+        cached = trials.get(key) if not session.restored else None
+        if cached is not None:  # this configuration was trained before: replay its result
+            session.facts.update(trial_reused=True)
+            session.replay(*cached)
+            return
+        if not session.restored and session.plan[0] == StageName.BASE.value:
+            session.facts.update(_stage1(session, cfg, ctx, device))
+        summary = session.run()  # the final report: the result stands whatever the cache does
         trials.put(key, {**session.engine.state_dict(), "facts": session.facts}, summary)
 
 
-def _stage1(session: Session, cfg: TrainConfig, ctx: TrialContext) -> dict:
+def _stage1(session: Session, cfg: TrainConfig, ctx: TrialContext,
+            device: torch.device) -> dict:
     """Adopt the cached stage 1 of this trial's base, or train it and store it for the others.
     Returns the trial's stage-1 facts: whether it reused one, and what that saved."""
     cache = Stage1Cache(Path(ctx.cache_dir) / "stage1")
-    key = cache.key(cfg, ctx.dataset)
+    key = cache.key(cfg, ctx.dataset, device)
     with cache.claim(key):
         entry = cache.get(key)
         if entry is None:
@@ -126,9 +142,13 @@ def _stage1(session: Session, cfg: TrainConfig, ctx: TrialContext) -> dict:
             session.fit_stage(StageName.BASE)
             entry = Stage1Entry(session.engine.model.base_state(), list(session.engine.history),
                                 time.perf_counter() - t0)
-            cache.put(key, entry)
+            cache.put(key, entry)  # a failed write warns; this trial goes on regardless
             return {"stage1_reused": False, "stage1_seconds": entry.seconds, "stage1_key": key}
-    session.adopt_stage(StageName.BASE, entry.weights, entry.history)
+    try:
+        session.adopt_stage(StageName.BASE, entry.weights, entry.history)
+    except HilomoeError as err:
+        raise HilomoeError(f"{cache.path(key)}: {err}, so this cache entry was made for another "
+                           f"model; remove it.") from None
     return {"stage1_reused": True, "stage1_seconds": entry.seconds, "stage1_key": key}
 
 

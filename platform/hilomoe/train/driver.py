@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from hilomoe.config import TrainConfig, parse_config
-from hilomoe.data.dataset import check_unchanged, open_dataset
-from hilomoe.errors import HilomoeError, out_of_memory
+from hilomoe.data.dataset import META_FILE, check_unchanged, open_dataset
+from hilomoe.errors import DatasetError, HilomoeError, out_of_memory
 from hilomoe.train.resources import WorkerPlan, plan_workers
 from hilomoe.engine.loop import stage_weights
 from hilomoe.train.worker import WorkerJob, read_checkpoint, train_loop
@@ -63,9 +63,13 @@ def synth_dataset(cfg: TrainConfig) -> Path:
     spec = cfg.data.synth
     key = hashlib.sha256(spec.model_dump_json().encode()).hexdigest()[:16]
     path = cache_dir() / "datasets" / f"synth-{key}"
-    if not (path / "dataset.json").exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_synth(spec, path, overwrite=True)  # written aside and renamed: safe to race
+    if not (path / META_FILE).exists():
+        # written aside and renamed; a job that finishes second keeps the first one's dataset
+        # (which other jobs may already be reading) and drops its own
+        write_synth(spec, path, keep_existing=True)
+        if not (path / META_FILE).exists():
+            raise DatasetError(f"{path}: exists but holds no {META_FILE} (not a dataset "
+                               f"hilomoe wrote); remove it and run again.")
     return path
 
 
