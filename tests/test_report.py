@@ -268,7 +268,42 @@ def test_write_report_on_a_small_study(tmp_path):
     assert report.roi["available"] and report.roi["flops_saved"] > 0
     json.dumps(report.as_dict(), allow_nan=False)
     # Nothing is left half-written or staged beside the report.
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(names | {"report.md"})
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == \
+        sorted(names | {"report.md", "report.html"})
+
+
+def test_the_html_report_holds_its_plots_and_links_its_trials(tmp_path):
+    """MLflow renders HTML artifacts in a frame that cannot fetch sibling files: every plot is
+    inlined, every table renders, and trial ids link to their runs."""
+    import base64
+    import html.parser
+
+    records = study()
+    links = {"k4": "/#/experiments/1/runs/abc", "dense0": "/#/experiments/1/runs/def"}
+    report = write_report(records, tmp_path / "out", "expert scaling", links=links)
+    page = (tmp_path / "out" / "report.html").read_text()
+
+    class Parse(html.parser.HTMLParser):
+        images, anchors, cells = [], [], 0
+
+        def handle_starttag(self, tag, attrs):
+            attrs = dict(attrs)
+            if tag == "img":
+                self.images.append(attrs["src"])
+            elif tag == "a":
+                self.anchors.append((attrs["href"], attrs.get("target")))
+            elif tag == "td":
+                self.cells += 1
+
+    parsed = Parse()
+    parsed.feed(page)
+    assert len(parsed.images) == len(report.plots) >= 3
+    for src, plot in zip(parsed.images, report.plots):  # each image is its plot, inlined
+        assert src.startswith("data:image/png;base64,")
+        assert base64.b64decode(src.split(",", 1)[1]) == plot.read_bytes()
+    assert ("/#/experiments/1/runs/abc", "_top") in parsed.anchors
+    assert ("/#/experiments/1/runs/def", "_top") in parsed.anchors
+    assert parsed.cells > 20 and "|" not in page.split("<body>")[1].split("<table>")[0][-3:]
 
 
 def test_write_report_with_nothing_completed(tmp_path):

@@ -393,7 +393,7 @@ def cmd_study_run(args: argparse.Namespace) -> int:
                   f"a time, objectives {', '.join(f'{o.mode} {o.metric}' for o in spec.objectives)}"
                   f"; results in {study_dir}", highlight=False)
     summary = run_study(spec, study_dir, resume=args.resume, console=console,
-                        cache=not args.no_cache)
+                        cache=not args.no_cache, register=args.register)
     if args.json:
         _emit_json(summary)
         return 0
@@ -467,8 +467,10 @@ def _print_study(summary: dict) -> None:
                      ["variant", "trial", "auc", "FLOPs"],
                      [[p["variant"], p["trial_id"], p["auc"], p["flops"]]
                       for p in summary["pareto"]]))
-    out.print(f"report: {summary['report']}\nbrowse every trial: hilomoe ui   (MLflow "
-              f"experiment {summary['mlflow_experiment']!r} at {summary['tracking_uri']})",
+    local = not summary["tracking_uri"].startswith(("http://", "https://"))
+    out.print(f"report: {summary['report']}\nbrowse every trial: "
+              f"{'hilomoe ui, then ' if local else ''}{summary['mlflow_url'] or 'MLflow'}   "
+              f"(experiment {summary['mlflow_experiment']!r} at {summary['tracking_uri']})",
               highlight=False)
 
 
@@ -562,14 +564,16 @@ def cmd_ui(args: argparse.Namespace) -> int:
     import os
     import subprocess
 
-    from hilomoe.study.tracking import tracking_uri
+    from hilomoe.study.tracking import study_views, tracking_uri
 
     uri = tracking_uri()
     if uri.startswith(("http://", "https://")):
         out.print(f"MLFLOW_TRACKING_URI is a tracking server: open {uri}", highlight=False)
         return 0
-    log.print(f"MLflow UI on http://{args.host}:{args.port} for {uri} (Ctrl-C stops it)",
-              highlight=False)
+    base = f"http://{args.host}:{args.port}"
+    log.print(f"MLflow UI on {base} for {uri} (Ctrl-C stops it)", highlight=False)
+    for name, url in study_views(uri, base):  # each study's trials, compared at a glance
+        log.print(f"  study {name}: {url}", highlight=False)
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host",
            args.host, "--port", str(args.port), "--workers", "1"]
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
@@ -961,6 +965,8 @@ def build_parser() -> argparse.ArgumentParser:
     _budget_flags(sr)
     sr.add_argument("--no-cache", action="store_true",
                     help="train every trial's stage 1 (no stage-1 sharing)")
+    sr.add_argument("--register", metavar="NAME",
+                    help="register the best model in MLflow's model registry as NAME")
     pl = _command(
         study_sub, "plan", cmd_study_plan, config=False,
         help="what a study will cost: wall time and CPU/GPU-hours, before it runs",

@@ -243,6 +243,23 @@ class Dataset:
                                f"(it has {', '.join(self.meta.splits)}).")
         return [self.path / split / f for f in self.meta.splits[split].files]
 
+    def head(self, split: str, rows: int) -> tuple[np.ndarray, np.ndarray]:
+        """The first `rows` rows of `split`: cat: (rows, F_cat) ids, num: (rows, F_num)."""
+        schema = self.schema
+        table = pq.ParquetFile(self.files(split)[0]).read_row_group(0).slice(0, rows)
+        n = table.num_rows
+        cat = np.asarray(table.column("cat").combine_chunks().flatten()).reshape(
+            n, len(schema.vocab_sizes))
+        num = (np.asarray(table.column("num").combine_chunks().flatten()).reshape(
+            n, schema.numeric) if schema.numeric else np.zeros((n, 0), np.float32))
+        return cat, num
+
+    def field_names(self) -> list[str]:
+        """The categorical fields' names, then the numeric ones': the order of `cat`, `num`."""
+        fields = self.meta.fields
+        return ([f.name for f in fields if f.type == "categorical"]
+                + [f.name for f in fields if f.type == "numeric"])
+
     def fingerprint(self) -> str:
         """What the data is, for cache keys and resume: a hash of dataset.json, whose
         `content_hash` the writer computed from every row it wrote. A dataset written before

@@ -23,6 +23,8 @@ from hilomoe.study.diagnostics import flat
 from hilomoe.study.space import REPEAT_OF, SearchSpace
 
 EPOCH_PREFIXES = ("train_", "valid_")
+# MLflow's "Source" column: what ran the trial
+SOURCE_TAGS = {"mlflow.source.name": "hilomoe study run", "mlflow.source.type": "LOCAL"}
 EPOCH_KEYS = ("samples_per_s", "epoch_seconds", "elapsed_s")
 
 
@@ -35,6 +37,41 @@ def epoch_mlflow_metrics(result: dict) -> dict[str, float]:
     """An epoch's metrics for MLflow, prefixed by stage: `joint/valid_auc`."""
     keep = {k: v for k, v in result.items() if k.startswith(EPOCH_PREFIXES) or k in EPOCH_KEYS}
     return numeric({f"{result['stage']}/{k}": v for k, v in keep.items()})
+
+
+def trial_params(cfg, searched: dict, data_path: str | None) -> dict[str, Any]:
+    """A trial's MLflow params: the settings that apply to it, the searched ones apart under
+    `search.` (the columns a study compares), the others under their own names.
+
+    A model without experts runs stage 1 only: its MoE and stage-2/3 settings did nothing, so
+    they are left out. The data is named as the study file names it (`data_path`, or the
+    planted problem's settings), not by the machine path a trial reads it from."""
+    from hilomoe.study.tracking import SEARCH_PREFIX, flatten
+
+    raw = cfg.model_dump(mode="json")
+    raw["data"].pop("path")
+    if data_path is not None:
+        raw["data"].pop("synth")
+    fixed = flatten(raw)
+    if data_path is not None:
+        fixed["data.path"] = data_path
+    if not cfg.model.moe.has_experts:
+        fixed = {k: v for k, v in fixed.items() if k == "model.moe.variant"
+                 or not k.startswith(("model.moe.", "stages.experts.", "stages.joint."))}
+    marked = {f"{SEARCH_PREFIX}{k}": v for k, v in flatten(searched).items()}
+    return {**{k: v for k, v in fixed.items() if k not in searched}, **marked}
+
+
+def trial_tags(record: dict) -> dict[str, str]:
+    """How the trial ended (`hilomoe.status`), and where a replayed result was trained."""
+    from hilomoe.study.tracking import REUSED_TAG, STATUS_TAG
+
+    status = "reused" if record.get("trial_reused") and record["status"] == "completed" \
+        else record["status"]
+    tags = {STATUS_TAG: status}
+    if record.get("trial_reused"):
+        tags[REUSED_TAG] = record.get("reused_from") or "the trial cache"
+    return tags
 
 
 # The live objects (tracker, console) of the studies this process drives, by study directory.
@@ -96,10 +133,12 @@ class StudyCallback(Callback):
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
         live = self.live()
         params = live["space"].overrides(trial.config)
-        cfg = live["ctx"].config(trial.config).model_dump(mode="json")
+        cfg = live["ctx"].config(trial.config)
         tracker = live["tracker"]
-        tracker.start_trial(trial.trial_id, params=cfg, config=cfg,
-                            run_id=tracker.run_ids.get(trial.trial_id))
+        tracker.start_trial(trial.trial_id,
+                            params=trial_params(cfg, params, live["ctx"].study.train.data.path),
+                            config=cfg.model_dump(mode="json"),
+                            run_id=tracker.run_ids.get(trial.trial_id), tags=SOURCE_TAGS)
         write_json(self.study_dir / RUNS_FILE, tracker.run_ids)
         live["results"].setdefault(trial.trial_id, [])
         self._event({"kind": "trial_start", "trial_id": trial.trial_id, "params": params})
@@ -109,8 +148,9 @@ class StudyCallback(Callback):
         live["results"].setdefault(trial.trial_id, []).append(
             {k: v for k, v in result.items() if not isinstance(v, dict)})
         if "stage" in result and not result.get("final"):
+            # stepped by the run's epoch: a trial's stages follow each other on one axis
             live["tracker"].log_metrics(trial.trial_id, epoch_mlflow_metrics(result),
-                                        step=result["epoch"])
+                                        step=result.get("global_epoch", result["epoch"]))
             self._event({"kind": "result", "trial_id": trial.trial_id, "stage": result["stage"],
                          "epoch": result["epoch"], "valid_auc": result.get("valid_auc"),
                          "reused": bool(result.get("reused"))})
@@ -146,8 +186,13 @@ class StudyCallback(Callback):
                                         "params_embedding", "epochs", "train_seconds",
                                         "stage1_seconds")}
         final.update(flat(record))
-        status = {"completed": "FINISHED", "pruned": "KILLED"}.get(record["status"], "FAILED")
-        live["tracker"].finish_trial(trial.trial_id, numeric(final), status=status, record=record)
+        if record.get("trial_reused"):  # the model it holds: the epochs and seconds it took
+            final.update(epochs=sum(1 for r in results if "stage" in r),
+                         train_seconds=record["trial_saved_s"])
+        # a pruned trial ended as the scheduler meant it to: FINISHED, marked by its tag
+        status = "FAILED" if record["status"] == "failed" else "FINISHED"
+        live["tracker"].finish_trial(trial.trial_id, numeric(final), status=status, record=record,
+                                     tags=trial_tags(record))
         self._event({"kind": "trial_end", "trial_id": trial.trial_id, "record": record})
 
 

@@ -195,8 +195,10 @@ def _trial_dirname(trial) -> str:
 
 
 def run_study(spec: StudySpec, study_dir: str | Path, resume: bool = False,
-              console: Callable[[dict], None] | None = None, cache: bool = True) -> dict:
-    """Run (or continue) a study; returns the summary also written to result.json."""
+              console: Callable[[dict], None] | None = None, cache: bool = True,
+              register: str | None = None) -> dict:
+    """Run (or continue) a study; returns the summary also written to result.json. The best
+    model is logged to MLflow, and registered as `register` in its model registry if given."""
     t0 = time.perf_counter()
     study_dir = Path(study_dir).resolve()
     run = _open_run(spec, study_dir, resume, cache)  # before Ray: bad input fails fast
@@ -205,7 +207,7 @@ def run_study(spec: StudySpec, study_dir: str | Path, resume: bool = False,
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # no CSV/TBX/JSON per trial
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     with _inside(study_dir):
-        return _drive(run, resume, console, t0, plan)
+        return _drive(run, resume, console, t0, plan, register)
 
 
 def _plan(run: StudyRun, console: Callable[[dict], None] | None) -> dict:
@@ -256,16 +258,14 @@ def _warner(console: Callable[[dict], None] | None, study_dir: str) -> Callable[
 
 
 def _drive(run: StudyRun, resume: bool, console: Callable[[dict], None] | None,
-           t0: float, plan: dict) -> dict:
+           t0: float, plan: dict, register: str | None = None) -> dict:
     from hilomoe.study.tracking import Tracker
     from hilomoe.train.driver import connect_ray
 
     spec, warn = run.study, _warner(console, run.study_dir)
     tracker = Tracker(run.experiment, run.tracking_uri, on_warning=warn)
     # the parent run (and a new store's tables) while Ray starts: both take seconds
-    opening = threading.Thread(target=tracker.start_study, kwargs=dict(
-        params={"study": spec.model_dump(mode="json")},
-        tags={"hilomoe.study_dir": run.study_dir}, run_id=run.parent_run_id))
+    opening = threading.Thread(target=_open_tracking, args=(tracker, run))
     opening.start()
     try:
         started = connect_ray()
@@ -298,7 +298,7 @@ def _drive(run: StudyRun, resume: bool, console: Callable[[dict], None] | None,
                                f"STUDY.yaml --out {run.study_dir} --resume`") from None
         if console:
             console({"kind": "end"})
-        return _conclude(run, tracker, time.perf_counter() - t0, plan)
+        return _conclude(run, tracker, time.perf_counter() - t0, plan, register)
     finally:
         if started:
             ray.shutdown()
@@ -323,7 +323,8 @@ def _phase_points(spec: StudySpec, phase: str, records: list[dict]) -> list[dict
     return repeat_points(records, spec.repeats, spec.budget.repeated_points)
 
 
-def _conclude(run: StudyRun, tracker, wall_s: float, plan: dict) -> dict:
+def _conclude(run: StudyRun, tracker, wall_s: float, plan: dict,
+              register: str | None = None) -> dict:
     """Report, best model and summary: what the study found, in files and in MLflow."""
     from hilomoe.study.plan import compare
     from hilomoe.study.recommend import load_recommendations
@@ -341,10 +342,11 @@ def _conclude(run: StudyRun, tracker, wall_s: float, plan: dict) -> dict:
     tracker.close_orphans({r["trial_id"] for r in everything})
     report = write_report(everything, study_dir / "report", title=spec.name,
                           meta={"description": spec.description} if spec.description else None,
-                          recommendations=load_recommendations(study_dir), cost=cost)
+                          recommendations=load_recommendations(study_dir), cost=cost,
+                          links=_run_links(tracker))
     best = best_record(spec, records)
     if best is not None and best.get("checkpoint"):
-        _log_best_model(run, tracker, best)
+        _log_best_model(run, tracker, best, register)
     reused = [r for r in records if r["stage1_reused"]]
     counts = {s: sum(r["status"] == s for r in records) for s in ("completed", "pruned", "failed")}
     summary = {
@@ -372,6 +374,7 @@ def _conclude(run: StudyRun, tracker, wall_s: float, plan: dict) -> dict:
         "mlflow_experiment": run.experiment,
         "mlflow_run_id": run.parent_run_id,
         "tracking_uri": run.tracking_uri,
+        "mlflow_url": tracker.view_url(ui_base(run.tracking_uri)),
     }
     tracker.log_study_metrics({"best_valid_auc": best["valid_auc"] if best else float("nan"),
                                "trials_completed": counts["completed"],
@@ -388,6 +391,39 @@ def _conclude(run: StudyRun, tracker, wall_s: float, plan: dict) -> dict:
     return summary
 
 
+def _open_tracking(tracker, run: StudyRun) -> None:
+    """The study's parent run, and the experiment's saved view of its trials: the searched
+    settings, the objectives and cost, and how each trial ended, best first."""
+    from hilomoe.study.callback import SOURCE_TAGS
+    from hilomoe.study.tracking import SEARCH_PREFIX, STATUS_TAG
+
+    spec = run.study
+    tracker.start_study(params={"study": spec.model_dump(mode="json", exclude_none=True)},
+                        tags={**SOURCE_TAGS, "hilomoe.study": Path(run.study_dir).name},
+                        run_id=run.parent_run_id)
+    first = spec.objectives[0]
+    metrics = list(dict.fromkeys([*(o.metric for o in spec.objectives), "valid_auc", "test_auc",
+                                  "flops", "params_active", "train_seconds"]))
+    tracker.set_view(["attributes.`Duration`", f"tags.`{STATUS_TAG}`",
+                      *(f"params.`{SEARCH_PREFIX}{k}`" for k in spec.space),
+                      *(f"metrics.`{m}`" for m in metrics)],
+                     order_by=f"metrics.`{first.metric}`", ascending=first.mode == "min")
+
+
+def _run_links(tracker) -> dict[str, str]:
+    """Each trial's MLflow run page, as a link from inside MLflow's UI (the report's frame)."""
+    if tracker.experiment_id is None:
+        return {}
+    return {trial: f"/#/experiments/{tracker.experiment_id}/runs/{run_id}"
+            for trial, run_id in tracker.run_ids.items()}
+
+
+def ui_base(uri: str) -> str:
+    """Where MLflow's UI for the store at `uri` is: the tracking server itself, or `hilomoe ui`
+    on its default address for a local store."""
+    return uri if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+
+
 def _events(study_dir: Path) -> list[dict]:
     path = study_dir / EVENTS_FILE
     if not path.is_file():
@@ -399,18 +435,29 @@ def _events(study_dir: Path) -> list[dict]:
     return events
 
 
-def _log_best_model(run: StudyRun, tracker, best: dict) -> None:
+def _log_best_model(run: StudyRun, tracker, best: dict, register: str | None) -> None:
     """The best trial's final weights as a plain-torch model: the tables in one nn.Embedding
     (the checkpoint layout is the same for every backend), so loading it needs no FBGEMM."""
     from hilomoe.data.dataset import open_dataset
     from hilomoe.engine.local import build_model
+    from hilomoe.model.serving import ServingModel, serving_example
     from hilomoe.session import read_state
+    from hilomoe.study.tracking import SEARCH_PREFIX, TRIAL_TAG
 
     state, _ = read_state(best["checkpoint"])
     if state is None:
         return
     cfg = run.context().config_from(best["params"])
     cfg = cfg.with_overrides(**{"model.embedding.backend": "torch"})
-    model = build_model(cfg, open_dataset(run.dataset).schema)
+    dataset = open_dataset(run.dataset)
+    model = build_model(cfg, dataset.schema)
     model.load_state_dict(state["model"])
-    tracker.log_model(best["trial_id"], model)
+    metrics = {k: best.get(k) for k in ("valid_auc", "valid_logloss", "test_auc", "test_logloss",
+                                        "flops", "params_total", "params_active")}
+    example = serving_example(*dataset.head("valid", 5), dataset.field_names())
+    tracker.log_model(ServingModel(model).eval(), input_example=example,
+                      metrics=metrics, params={SEARCH_PREFIX + k: v
+                                               for k, v in best["params"].items()},
+                      tags={TRIAL_TAG: best["trial_id"],
+                            "hilomoe.trial_run_id": tracker.run_ids.get(best["trial_id"], "")},
+                      register=register)

@@ -14,8 +14,11 @@ one, never a half-written file or a Markdown page linking to a missing image.
 
 from __future__ import annotations
 
+import base64
+import html
 import math
 import os
+import re
 import shutil
 import statistics
 import tempfile
@@ -76,12 +79,14 @@ class Report:
 
 def write_report(records: list[dict], out_dir: Path, title: str,
                  meta: dict | None = None, recommendations: list[dict] | None = None,
-                 cost: dict | None = None) -> Report:
+                 cost: dict | None = None, links: dict[str, str] | None = None) -> Report:
     """Compute the frontier, the ROI headline and the scaling laws; write the page and plots.
 
     `meta` (optional) is shown as a key/value list under the title (dataset, date, ...);
-    `cost` (optional) is the study's plan against its actual wall time (study/plan.py:compare).
-    Returns the `Report`; `report.md` is always written, plots only when there is data.
+    `cost` (optional) is the study's plan against its actual wall time (study/plan.py:compare);
+    `links` (optional) maps trial ids to their MLflow run pages, linked from `report.html`.
+    Returns the `Report`; `report.md` and `report.html` are always written, plots only when
+    there is data.
     """
     everything = [r for r in (records or []) if isinstance(r, dict)]
     records = search_records(everything)  # repeats feed the verdict only: no point twice
@@ -111,7 +116,9 @@ def write_report(records: list[dict], out_dir: Path, title: str,
         text = markdown(title, meta, records, front, headline, fits, counts, drawn, noise,
                         joint, recommendations or [], cost)
         (stage / "report.md").write_text(text, encoding="utf-8")
-        for name in [*drawn, "report.md"]:
+        (stage / "report.html").write_text(html_page(text, title, stage, links),
+                                           encoding="utf-8")
+        for name in [*drawn, "report.md", "report.html"]:
             os.replace(stage / name, out_dir / name)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
@@ -126,6 +133,46 @@ def write_report(records: list[dict], out_dir: Path, title: str,
         joint=joint.as_dict(),
         headline=noise.as_dict() if isinstance(noise, Headline)
         else {"available": False, "reason": noise})
+
+
+HTML_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; max-width: 60rem; margin: 1.5rem auto;
+       padding: 0 1rem; line-height: 1.45; color: #1f2328; }}
+table {{ border-collapse: collapse; margin: 0.8rem 0; font-size: 0.92rem; }}
+th, td {{ border: 1px solid #d0d7de; padding: 0.25rem 0.6rem; text-align: left; }}
+th {{ background: #f6f8fa; }}
+img {{ max-width: 100%; }}
+code, pre {{ background: #f6f8fa; border-radius: 4px; }}
+pre {{ padding: 0.6rem; overflow-x: auto; }}
+</style></head>
+<body>
+{body}
+</body></html>
+"""
+
+
+def html_page(text: str, title: str, images: Path, links: dict[str, str] | None = None) -> str:
+    """`report.md` as one self-contained HTML page. MLflow's artifact viewer renders HTML, not
+    Markdown, and shows it in a frame that cannot fetch the plots beside it: the plots are
+    inlined (data: URIs), and each trial id links to its MLflow run (`links`), opened in the
+    whole window."""
+    import markdown as md
+
+    body = md.markdown(text, extensions=["tables", "fenced_code"])
+    for trial, url in (links or {}).items():  # before inlining: never inside an image's data
+        body = re.sub(rf"(?<=[>\s(]){re.escape(trial)}(?=[<\s,;)])",
+                      f'<a href="{html.escape(url)}" target="_top">{trial}</a>', body)
+
+    def inline(match: re.Match) -> str:
+        path = images / match.group(1)
+        if not path.is_file():
+            return match.group(0)
+        return f'src="data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()}"'
+
+    body = re.sub(r'src="([^"/]+\.png)"', inline, body)
+    return HTML_PAGE.format(title=html.escape(title), body=body)
 
 
 def trial_counts(records: list[dict]) -> dict:

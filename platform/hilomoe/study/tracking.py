@@ -427,7 +427,7 @@ class Tracker:
         on the saved view; None before the experiment exists."""
         if self.experiment_id is None:
             return None
-        return f"{base.rstrip('/')}/#/experiments/{self.experiment_id}?viewStateShareKey={VIEW_KEY}"
+        return _view_url(base, self.experiment_id)
 
     def _trial_run(self, trial_id: str) -> str:
         run_id = self.run_ids.get(trial_id)
@@ -783,6 +783,25 @@ def _pip_requirements() -> list[str]:
     except ImportError:
         pass
     return reqs
+
+
+def study_views(uri: str, base: str) -> list[tuple[str, str]]:
+    """(experiment, URL of its saved trials view in MLflow's UI at `base`) for every study the
+    store at `uri` holds; none when it cannot be read (a store not created yet included)."""
+    _set_env_defaults()
+    from mlflow import MlflowClient
+
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        return []  # asking would create an empty store
+    try:
+        found = MlflowClient(uri).search_experiments(max_results=1000)
+    except Exception:
+        return []
+    return [(e.name, _view_url(base, e.experiment_id)) for e in found if VIEW_TAG in e.tags]
+
+
+def _view_url(base: str, experiment_id: str) -> str:
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}?viewStateShareKey={VIEW_KEY}"
 
 
 def load_records(experiment: str, uri: str | None = None) -> tuple[list[dict], str | None]:

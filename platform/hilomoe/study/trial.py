@@ -98,12 +98,14 @@ def _run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
         return _run_distributed(cfg, ctx)
     from ray import tune
 
-    run_in_process(cfg, ctx, RayReporter(tune))
+    run_in_process(cfg, ctx, RayReporter(tune), trial_id=tune.get_context().get_trial_id())
 
 
-def run_in_process(cfg: TrainConfig, ctx: TrialContext, reporter: Reporter) -> None:
+def run_in_process(cfg: TrainConfig, ctx: TrialContext, reporter: Reporter,
+                   trial_id: str | None = None) -> None:
     """A one-worker trial in this process, through the trial and stage-1 caches, reporting to
-    `reporter` (Tune's, in a study)."""
+    `reporter` (Tune's, in a study). `trial_id` names it in the trial cache: a later trial
+    that replays its result says where the result came from."""
     torch.set_num_threads(ctx.threads)
     dataset = open_dataset(ctx.dataset)
     data = Data(dataset.schema, parquet_sources(dataset, cfg), dataset.meta.extra.get("bayes"))
@@ -120,13 +122,17 @@ def run_in_process(cfg: TrainConfig, ctx: TrialContext, reporter: Reporter) -> N
     with trials.claim(key):
         cached = trials.get(key) if not session.restored else None
         if cached is not None:  # this configuration was trained before: replay its result
-            session.facts.update(trial_reused=True)
+            origin = cached[1].get("trial_id")
+            session.facts.update(trial_reused=True, reused_from=(
+                f"trial {origin} (trial cache {key[:12]})" if origin
+                else f"trial cache {key[:12]}"))
             session.replay(*cached)
             return
         if not session.restored and session.plan[0] == StageName.BASE.value:
             session.facts.update(_stage1(session, cfg, ctx, device))
         summary = session.run()  # the final report: the result stands whatever the cache does
-        trials.put(key, {**session.engine.state_dict(), "facts": session.facts}, summary)
+        trials.put(key, {**session.engine.state_dict(), "facts": session.facts},
+                   {**summary, "trial_id": trial_id})
 
 
 def _stage1(session: Session, cfg: TrainConfig, ctx: TrialContext,
