@@ -22,6 +22,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from hilomoe import jsonio
 from hilomoe.study.diagnostics import diagnostics
 from hilomoe.study.spec import StudySpec
 from hilomoe.study.trial import trial_cost
@@ -64,15 +65,11 @@ def trial_record(trial_id: str, params: dict, cfg, schema, results: list[dict], 
     }
 
 
-def jsonable(v: Any) -> Any:
-    return None if isinstance(v, float) and not math.isfinite(v) else str(v)
-
-
 def write_json(path: Path, obj: Any) -> None:
     """Written aside and renamed: a reader never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=jsonable))
+    tmp.write_text(jsonio.dumps(obj, indent=2, default=str))
     tmp.replace(path)
 
 
@@ -89,9 +86,11 @@ def load_records(study_dir: str | Path) -> list[dict]:
 
 
 def best_record(spec: StudySpec, records: list[dict]) -> dict | None:
-    """The best completed trial by the study's first objective."""
+    """The best completed trial by the study's first objective; an undefined (NaN) metric is
+    never the best (max and min would keep or skip it depending on where it stands)."""
     obj = spec.objectives[0]
-    done = [r for r in records if r["status"] == "completed" and r.get(obj.metric) is not None]
+    done = [r for r in records if r["status"] == "completed"
+            and isinstance(r.get(obj.metric), (int, float)) and math.isfinite(r[obj.metric])]
     if not done:
         return None
     return (max if obj.mode == "max" else min)(done, key=lambda r: r[obj.metric])

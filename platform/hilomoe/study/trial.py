@@ -92,7 +92,7 @@ def _run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
     from ray import tune
 
     torch.set_num_threads(ctx.threads)
-    dataset = open_dataset(ctx.dataset)
+    dataset = open_dataset(ctx.dataset, training=True)
     data = Data(dataset.schema, parquet_sources(dataset, cfg), dataset.meta.extra.get("bayes"))
     # Tune gives a trial that asked for a GPU its own (CUDA_VISIBLE_DEVICES)
     device = torch.device("cuda" if ctx.study.budget.gpus_per_trial > 0
