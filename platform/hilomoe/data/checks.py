@@ -5,8 +5,10 @@ id at or above its field's `vocab_size` (or a negative one) would silently read 
 rows; a label other than 0 or 1, or a NaN / infinite numeric, would silently poison the loss
 and the AUC. Converted datasets cannot hold such values, but hand-written Parquet can, so each
 reader checks every chunk it decodes: the pyarrow reader in `readers.py`, the Ray Data read
-tasks in `parquet.read_row_groups`. The check is a per-field min/max (vectorised): a few
-microseconds per 4096-row batch, nothing next to a training step.
+tasks in `parquet.read_row_groups`. It costs one vectorised maximum per field (the ids viewed
+as unsigned, so a negative id is a huge one) and one `isfinite` over the numerics: ~0.2 ms per
+4096-row batch of 26 ids and 13 numerics on two busy cores, about half of what converting those
+ids to int64 already costs.
 
 Ray's read-task processes import this module, so it imports no torch.
 """

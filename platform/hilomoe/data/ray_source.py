@@ -65,8 +65,8 @@ class ParquetRowGroups(Datasource):
                              size_bytes=sum(g.bytes for g in groups),
                              input_files=sorted({g.path for g in groups}), exec_stats=None)
         # a partial of a module-level function pickles by reference: no closure over self
-        return ReadTask(functools.partial(read_row_groups, groups, self.rules), meta, schema=self.schema,
-                        per_task_row_limit=row_limit)
+        return ReadTask(functools.partial(read_row_groups, groups, self.rules), meta,
+                        schema=self.schema, per_task_row_limit=row_limit)
 
     def get_name(self) -> str:
         return "ReadParquetRowGroups"
