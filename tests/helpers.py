@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import psutil
 
 
@@ -56,3 +57,35 @@ def submit_job(submit: list[str], env: dict, cwd) -> subprocess.CompletedProcess
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "succeeded" in proc.stdout
     return proc
+
+
+def handwritten(out, cat=None, num=None, label=None, valid_label=None, vocab=50, rows=200,
+                null_vocab=False):
+    """A small dataset written as any hand-made Parquet could be (no conversion's checks): the
+    train split holds `cat`, `num`, `label` where given, else good values; every field C0-C2 has
+    `vocab` ids, N0-N1 are numeric."""
+    from hilomoe.data.dataset import META_FILE, DatasetMeta, DatasetWriter, FieldInfo
+
+    rng = np.random.default_rng(0)
+    good = (rng.integers(0, vocab, (rows, 3)), rng.standard_normal((rows, 2)).astype(np.float32),
+            (np.arange(rows) % 2).astype(np.float32))
+    train = tuple(g if v is None else np.asarray(v) for g, v in zip(good, (cat, num, label)))
+    fields = [FieldInfo(name=f"C{i}", type="categorical", vocab_size=vocab) for i in range(3)]
+    fields += [FieldInfo(name=f"N{i}", type="numeric") for i in range(2)]
+    with DatasetWriter(out, 3, 2, rows_per_file=rows) as w:
+        w.write("train", *train)
+        w.write("valid", *good[:2], good[2] if valid_label is None else valid_label)
+        w.write("test", *good)
+        w.close(DatasetMeta(name="hand", source_format="parquet", fields=fields, splits={}))
+    if null_vocab:
+        meta = json.loads((out / META_FILE).read_text())
+        meta["fields"][1]["vocab_size"] = None
+        (out / META_FILE).write_text(json.dumps(meta))
+    return out
+
+
+def with_value(shape, index, value, dtype):
+    """Zeros (good ids, numerics and labels) but `value` at `index`."""
+    a = np.zeros(shape, dtype)
+    a[index] = value
+    return a

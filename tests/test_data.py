@@ -12,10 +12,13 @@ from hilomoe.config import PlantedData, TrainConfig
 from hilomoe.data.dataset import (
     META_FILE, DatasetError, DatasetMeta, DatasetWriter, FieldInfo, open_dataset,
 )
+from hilomoe.data.checks import RowRules
 from hilomoe.data.readers import ParquetBatches
 from hilomoe.data.synth import BayesAccumulator, write_synth
 from hilomoe.session import train_local
 from hilomoe.engine.metrics import auc, logloss
+
+from helpers import handwritten, with_value
 
 SPEC = PlantedData(rows=20_000, categorical_fields=4, vocab_size=30, numeric_fields=2, seed=5)
 
@@ -383,3 +386,82 @@ def test_train_subsets_are_nested_seeded_and_the_same_on_every_reader(synth_dir)
     mask = Subset(0.25).mask(np.asarray(split.cat), np.asarray(split.label))
     assert len(memory["train"]) == mask.sum() and len(memory["valid"]) == len(
         problem.splits["valid"].label)
+
+
+# -- values the readers refuse (issue 15: items 8-10) -------------------------------------------
+
+
+BAD_VALUES = {  # what the train split holds -> what the one sentence says
+    "id at vocab_size": (dict(cat=with_value((200, 3), (150, 1), 50, np.int64)),
+                         r"train/part-00000.parquet: categorical field C1 holds id 50, but its ids "
+                         r"must lie in 0\.\.49 \(vocab_size 50 in dataset.json\)\.$"),
+    "negative id": (dict(cat=with_value((200, 3), (107, 2), -3, np.int64)),
+                    r"part-00000.parquet: categorical field C2 holds id -3, but its ids must lie "
+                    r"in 0\.\.49"),
+    "label 2": (dict(label=with_value((200,), 199, 2, np.float32)),
+                r"part-00000.parquet: holds the label 2\.0, but labels must be 0 or 1\.$"),
+    "label NaN": (dict(label=with_value((200,), 103, np.nan, np.float32)),
+                  r"holds the label nan, but labels must be 0 or 1\."),
+    "numeric NaN": (dict(num=with_value((200, 2), (110, 1), np.nan, np.float32)),
+                    r"part-00000.parquet: numeric field N1 holds nan, but numeric features must "
+                    r"be finite numbers\.$"),
+    "numeric inf": (dict(num=with_value((200, 2), (110, 0), -np.inf, np.float32)),
+                    r"numeric field N0 holds -inf, but numeric features must be finite"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_VALUES))
+def test_the_reader_refuses_values_outside_their_field(tmp_path, case):
+    """An id outside its field's vocabulary would read another field's embedding rows; a label
+    outside {0, 1} or a NaN numeric would poison the loss: refused in one sentence naming the
+    shard, the field and the value, by the pyarrow reader and by the Ray Data read tasks."""
+    from hilomoe.data.ray_source import ParquetRowGroups
+
+    values, message = BAD_VALUES[case]
+    ds = open_dataset(handwritten(tmp_path / "ds", **values))  # the footers are fine
+    with pytest.raises(DatasetError, match=message):
+        list(ParquetBatches(ds, "train", 64).epoch(0))
+    with pytest.raises(DatasetError, match=message):  # the shard of the rank holding row >= 100
+        list(ParquetBatches(ds, "train", 64, shuffle=True, rank=1, world=2).epoch(0))
+    source = ParquetRowGroups(ds.files("train"), rules=RowRules.of(ds.meta))
+    with pytest.raises(DatasetError, match=message):  # a Ray Data read task, run here
+        [block for task in source.get_read_tasks(1) for block in task()]
+    list(ParquetBatches(ds, "valid", 64).epoch(0))  # the other splits hold good values
+
+
+def test_ids_at_the_edges_of_the_vocabulary_are_read(tmp_path):
+    cat = np.array([[0, 49, 0], [49, 0, 49]] * 100)
+    ds = open_dataset(handwritten(tmp_path / "ds", cat=cat))
+    got = torch.cat([b.cat for b in ParquetBatches(ds, "train", 64).epoch(0)]).numpy()
+    np.testing.assert_array_equal(got, cat)
+
+
+def test_a_categorical_field_without_a_vocab_size_is_refused(tmp_path):
+    out = handwritten(tmp_path / "ds", null_vocab=True)
+    for check in (True, False):
+        with pytest.raises(DatasetError, match=r"dataset.json: categorical field C1 has "
+                                               r"vocab_size null; give it its number of ids"):
+            open_dataset(out, check_shards=check)
+
+
+@pytest.mark.parametrize("labels, message", [
+    (np.ones(200, np.float32), r"valid: the validation split holds only the label\(s\) 1, so "
+                               r"its AUC is undefined; it needs rows of both classes"),
+    (np.zeros(0, np.float32), r"valid: the validation split is empty, so no validation AUC"),
+])
+def test_a_validation_split_without_both_classes_is_refused_for_training(tmp_path, labels,
+                                                                          message):
+    out = handwritten(tmp_path / "ds", valid_label=labels)
+    if len(labels) == 0:  # the writer skips empty writes: an empty split by its metadata
+        meta = json.loads((out / META_FILE).read_text())
+        for f in meta["splits"]["valid"]["files"]:
+            (out / "valid" / f).unlink()
+        meta["splits"]["valid"] = {"rows": 0, "files": []}
+        (out / META_FILE).write_text(json.dumps(meta))
+    open_dataset(out)  # still a dataset (to read or convert from)
+    with pytest.raises(DatasetError, match=message):
+        open_dataset(out, training=True)
+    cfg = TrainConfig.model_validate({"data": {"path": str(out)},
+                                      "model": {"moe": {"variant": "dense"}}})
+    with pytest.raises(DatasetError, match=message):  # refused before training starts
+        train_local(cfg)

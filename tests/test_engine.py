@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from conftest import VARIANTS
 from hilomoe.config import PlantedData, StageName, TrainConfig
 from hilomoe.data.planted import generate_planted
 from hilomoe.engine.local import Data, build_model, memory_sources
-from hilomoe.session import train_local
+from hilomoe.session import checkpoint_score, train_local
 from hilomoe.engine.loop import EarlyStopping, Engine
 from hilomoe.model.routing import RoutingMode
 
@@ -166,6 +167,20 @@ def test_a_checkpoint_holds_nothing_twice_and_resumes_to_the_same_state(problem,
     assert other.best_state[name].data_ptr() != other.model.state_dict()[name].data_ptr()
 
 
+def test_an_undefined_auc_never_becomes_the_best_epoch():
+    """A NaN AUC (a one-class validation batch set) is not an improvement, and does not stop
+    the epochs after it from improving (nothing compares greater than NaN)."""
+    nan = float("nan")
+    stop = EarlyStopping(patience=3)
+    assert not stop.update(nan, 0) and stop.best_epoch == -1
+    assert stop.update(0.6, 1) and stop.best == 0.6
+    assert not stop.update(nan, 2) and stop.best == 0.6 and stop.best_epoch == 1
+    assert stop.update(0.61, 3) and stop.best_epoch == 3
+    assert not stop.update(nan, 4) and not stop.update(nan, 5) and not stop.should_stop
+    assert not stop.update(nan, 6) and stop.should_stop  # NaN epochs count against patience
+    assert checkpoint_score(1, nan) < checkpoint_score(1, 0.5)  # Ray keeps the defined ones
+
+
 def test_checkpoint_resume_continues_bit_for_bit(problem):
     """Epoch 2 after a save/load equals epoch 2 of an uninterrupted run."""
     torch.set_num_threads(1)
@@ -181,3 +196,35 @@ def test_checkpoint_resume_continues_bit_for_bit(problem):
     b.train_epoch(src["train"].epoch(1))
     for (name, pa), pb in zip(a.model.state_dict().items(), b.model.state_dict().values()):
         assert torch.equal(pa, pb), name
+
+
+def strict_json(text: str):
+    """JSON as any strict reader parses it: the bare words NaN / Infinity are refused."""
+    def refuse(word):
+        raise ValueError(f"not JSON: {word}")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_undefined_metrics_are_written_as_null(tmp_path):
+    """Every JSON writer goes through one helper: NaN and infinities become null (numpy's
+    too), and anything it missed fails at once instead of writing invalid JSON."""
+    import numpy as np
+
+    from hilomoe import jsonio
+    from hilomoe.session import write_files
+    from hilomoe.study.records import write_json
+
+    nan = float("nan")
+    summary = {"stages": {"base": {"auc": nan, "best_epoch": -1}}, "test": {"auc": np.float32(nan),
+               "logloss": np.float64(0.5)}, "history": [{"valid": {"auc": float("inf")}}],
+               "path": tmp_path}
+    expected = {"stages": {"base": {"auc": None, "best_epoch": -1}},
+                "test": {"auc": None, "logloss": 0.5}, "history": [{"valid": {"auc": None}}],
+                "path": str(tmp_path)}
+    assert strict_json(jsonio.dumps(summary, default=str)) == expected
+    write_json(tmp_path / "trials" / "t.json", summary)  # study records, results, plans
+    assert strict_json((tmp_path / "trials" / "t.json").read_text()) == expected
+    write_files({"summary.json": {"auc": nan}}, tmp_path)  # checkpoint summaries
+    assert strict_json((tmp_path / "summary.json").read_text()) == {"auc": None}
+    with pytest.raises(ValueError):  # a non-finite value the sanitiser cannot see
+        jsonio.dumps({"x": object()}, default=lambda v: nan)

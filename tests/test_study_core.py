@@ -359,6 +359,20 @@ def test_records_say_completed_pruned_or_failed(dataset):
     assert best_record(spec, [cut, done])["trial_id"] == "a"
 
 
+def test_an_undefined_metric_is_never_the_best_record():
+    """max() and min() keep a NaN that comes first and skip one that comes later: it must not
+    win either way, whatever the objective's direction."""
+    nan = float("nan")
+    for metric, mode, good in (("valid_auc", "max", 0.7), ("valid_logloss", "min", 0.4)):
+        spec = parse_study(study({}, objectives=[{"metric": metric, "mode": mode}]))
+        rows = [{"trial_id": "nan", "status": "completed", metric: nan},
+                {"trial_id": "good", "status": "completed", metric: good},
+                {"trial_id": "null", "status": "completed", metric: None}]
+        assert best_record(spec, rows)["trial_id"] == "good"
+        assert best_record(spec, rows[::-1])["trial_id"] == "good"
+        assert best_record(spec, [rows[0]]) is None
+
+
 def test_overhead_is_the_share_of_slot_time_not_spent_training():
     events = [{"kind": "trial_start", "trial_id": "a", "time": 12.0},
               {"kind": "trial_start", "trial_id": "b", "time": 12.0},

@@ -8,33 +8,22 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import math
 import sys
 from typing import Any, Callable
 
 from rich.console import Console
 from rich.table import Table
 
-from hilomoe import __version__
-from hilomoe.errors import HilomoeError, out_of_memory
+from hilomoe import __version__, jsonio
+from hilomoe.errors import HilomoeError, hilomoe_cause, out_of_memory
 
 out = Console(soft_wrap=True)
 log = Console(stderr=True, soft_wrap=True)
 
 
 def _emit_json(obj: Any) -> None:
-    def clean(v: Any) -> Any:
-        if isinstance(v, float) and not math.isfinite(v):
-            return None
-        if isinstance(v, dict):
-            return {k: clean(x) for k, x in v.items()}
-        if isinstance(v, (list, tuple)):
-            return [clean(x) for x in v]
-        return v
-
     # the real stdout: while a command runs, stray prints (Ray's, libraries') go to stderr
-    sys.__stdout__.write(json.dumps(clean(obj)) + "\n")
+    sys.__stdout__.write(jsonio.dumps(obj) + "\n")
     sys.__stdout__.flush()
 
 
@@ -1080,10 +1069,10 @@ def main(argv: list[str] | None = None) -> int:
                 return handler(args)
         return handler(args)
     except HilomoeError as err:
-        log.print(f"hilomoe: error: {err}", markup=False, highlight=False)
+        log.print(f"hilomoe: error: {hilomoe_cause(err) or err}", markup=False, highlight=False)
         return 2
     except (RuntimeError, MemoryError) as err:
-        message = out_of_memory(err)
+        message = str(hilomoe_cause(err) or "") or out_of_memory(err)
         if message is None:
             raise
         log.print(f"hilomoe: error: {message}", markup=False, highlight=False)

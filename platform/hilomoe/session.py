@@ -25,6 +25,7 @@ from typing import Any, Callable, Protocol
 
 import torch
 
+from hilomoe import jsonio
 from hilomoe.config import StageName, TrainConfig
 from hilomoe.engine.local import Data, build_model, load_data
 from hilomoe.engine.loop import Engine, EpochRecord, run_stages
@@ -127,7 +128,7 @@ def write_files(files: dict[str, Any], directory: Path) -> None:
     """`files` into `directory`: `.json` names as JSON, the others with torch.save."""
     for name, obj in files.items():
         if name.endswith(".json"):
-            (directory / name).write_text(json.dumps(obj))
+            (directory / name).write_text(jsonio.dumps(obj))
         else:
             torch.save(obj, directory / name)
 

@@ -30,11 +30,13 @@ from typing import Literal
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from hilomoe.atomic import publish_dir
 from hilomoe.config import PlainName, format_validation_error
+from hilomoe.data.parquet import unreadable
 from hilomoe.errors import DatasetError
 from hilomoe.schema import FeatureSchema
 
@@ -291,8 +293,13 @@ def _file_hash(path: Path) -> str:
     return _SHARD_HASHES[memo]
 
 
-def open_dataset(path: str | Path, check_shards: bool = True) -> Dataset:
-    """Open DIR as a canonical dataset, or raise DatasetError with one sentence saying why."""
+def open_dataset(path: str | Path, check_shards: bool = True, training: bool = False) -> Dataset:
+    """Open DIR as a canonical dataset, or raise DatasetError with one sentence saying why.
+
+    `training`: the dataset is about to be trained on, so its validation split must hold both
+    classes; otherwise every epoch's AUC is undefined (NaN) and early stopping, checkpoints and
+    a study's ranking would compare nothing (reads the split's label column once).
+    """
     root = Path(path)
     meta_path = root / META_FILE
     if not root.is_dir():
@@ -311,10 +318,17 @@ def open_dataset(path: str | Path, check_shards: bool = True) -> Dataset:
     missing = [s for s in SPLITS if s not in meta.splits]
     if missing:
         raise DatasetError(f"{meta_path}: missing split(s) {', '.join(missing)}.")
+    unsized = [f.name for f in meta.fields if f.type == "categorical" and f.vocab_size is None]
+    if unsized:
+        raise DatasetError(f"{meta_path}: categorical field {unsized[0]} has vocab_size null; "
+                           f"give it its number of ids (ids lie in 0..vocab_size-1), as "
+                           f"`hilomoe data convert` writes it.")
     ds = Dataset(root, meta)
     if check_shards:
         for split in SPLITS:
             _check_split(ds, split)
+    if training:
+        _check_validation(ds)
     return ds
 
 
@@ -325,6 +339,26 @@ def check_unchanged(path: str | Path, fingerprint: str, started: str) -> None:
         raise DatasetError(f"{path}: the dataset changed since {started} started (its content "
                            f"hash differs); resuming would mix two datasets: restore the data, "
                            f"or start anew with another --out.")
+
+
+def _check_validation(ds: Dataset) -> None:
+    """The validation split holds both classes: the AUC every epoch reports is defined."""
+    where = ds.path / "valid"
+    if ds.meta.splits["valid"].rows == 0:
+        raise DatasetError(f"{where}: the validation split is empty, so no validation AUC can "
+                           f"be computed; convert the data again with a valid fraction above 0.")
+    seen: set[float] = set()
+    for f in ds.files("valid"):
+        try:
+            labels = pq.read_table(f, columns=["label"]).column("label")
+        except (pa.ArrowInvalid, OSError) as err:
+            raise unreadable(f, err) from None
+        seen.update(v for v in pc.unique(labels).to_pylist() if v is not None)
+        if {0.0, 1.0} <= seen:
+            return
+    only = ", ".join(f"{v:g}" for v in sorted(seen)) or "none"
+    raise DatasetError(f"{where}: the validation split holds only the label(s) {only}, so its "
+                       f"AUC is undefined; it needs rows of both classes (0 and 1).")
 
 
 def _check_split(ds: Dataset, split: str) -> None:
@@ -338,8 +372,7 @@ def _check_split(ds: Dataset, split: str) -> None:
             md = pq.read_metadata(f)
             got = pq.read_schema(f)
         except (pa.ArrowInvalid, OSError) as err:
-            raise DatasetError(f"{f}: not a readable Parquet file (truncated or corrupt: "
-                               f"{str(err).splitlines()[0]}).") from None
+            raise unreadable(f, err) from None
         if not got.remove_metadata().equals(expected):
             raise DatasetError(f"{f}: columns do not match {META_FILE} (expected {expected.names} "
                                f"with {len(schema.vocab_sizes)} ids and {schema.numeric} numerics).")

@@ -8,12 +8,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from hilomoe.errors import DatasetError
+
+if TYPE_CHECKING:
+    from hilomoe.data.checks import RowRules
 
 
 def unreadable(path: Path, err: Exception) -> DatasetError:
@@ -75,14 +79,37 @@ def shard_pieces(files: list[Path], rank: int = 0, world: int = 1,
     return pieces
 
 
-def read_row_groups(groups: list[RowGroup]) -> Iterator[pa.Table]:
-    """The tables of `groups`, one per row group; a read error names the file."""
+def _column(rb: pa.RecordBatch | pa.Table, name: str, width: int) -> np.ndarray:
+    col = rb.column(name)
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    return col.flatten().to_numpy(zero_copy_only=False).reshape(-1, width)
+
+
+def columns_of(rb: pa.RecordBatch | pa.Table, num_cat: int,
+               num_numeric: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The wide columns as arrays: cat (n, F_c) int32, num (n, F_n) float32, label (n,)."""
+    cat = _column(rb, "cat", num_cat)
+    num = (_column(rb, "num", num_numeric) if num_numeric
+           else np.zeros((rb.num_rows, 0), np.float32))
+    label = rb.column("label")
+    if isinstance(label, pa.ChunkedArray):
+        label = label.combine_chunks()
+    return cat, num, label.to_numpy(zero_copy_only=False)
+
+
+def read_row_groups(groups: list[RowGroup], rules: RowRules | None = None) -> Iterator[pa.Table]:
+    """The tables of `groups`, one per row group; a read error names the file. With `rules`
+    (a Ray Data read task's), each table is checked here, where its file is still known."""
     opened: tuple[str, pq.ParquetFile] | None = None  # consecutive groups share a file
     for group in groups:
         path = Path(group.path)
         try:
             if opened is None or opened[0] != group.path:
                 opened = (group.path, parquet_file(path))
-            yield opened[1].read_row_group(group.index)
+            table = opened[1].read_row_group(group.index)
         except (pa.ArrowInvalid, OSError) as err:
             raise unreadable(path, err) from None
+        if rules is not None:
+            rules.check(path, *columns_of(table, rules.num_cat, rules.num_numeric))
+        yield table

@@ -24,7 +24,8 @@ from ray.data.collate_fn import ArrowBatchCollateFn
 from hilomoe.data.batches import Batch
 from hilomoe.data.dataset import Dataset
 from hilomoe.data.ray_source import open_ray_split
-from hilomoe.data.readers import columns_of, rebatch
+from hilomoe.data.parquet import columns_of
+from hilomoe.data.readers import rebatch
 
 __all__ = ["BatchCollate", "RayBatches", "open_ray_split"]
 

@@ -21,6 +21,7 @@ import numpy as np
 from ray.data import Datasource, ReadTask
 from ray.data.block import BlockMetadata
 
+from hilomoe.data.checks import RowRules
 from hilomoe.data.parquet import RowGroup, parquet_file, read_row_groups, row_groups
 
 TASK_ROWS = 65_536  # rows per read task: small row groups are packed up to this
@@ -30,12 +31,14 @@ class ParquetRowGroups(Datasource):
     """Parquet files as read tasks of consecutive whole row groups (~`task_rows` rows each).
 
     With `seed`, the task order is shuffled anew for every execution (every epoch), as
-    `FileShuffleConfig(seed, reseed_after_execution=True)` does for files.
+    `FileShuffleConfig(seed, reseed_after_execution=True)` does for files. With `rules`, each
+    task checks the rows it reads (`checks.RowRules`), naming the file of a bad value.
     """
 
-    def __init__(self, files: list[Path], seed: int | None = None, task_rows: int = TASK_ROWS):
+    def __init__(self, files: list[Path], seed: int | None = None, task_rows: int = TASK_ROWS,
+                 rules: RowRules | None = None):
         super().__init__()
-        self.seed = seed
+        self.seed, self.rules = seed, rules
         self.tasks: list[list[RowGroup]] = []
         rows = 0  # in the last task
         for group in row_groups(files):
@@ -62,8 +65,8 @@ class ParquetRowGroups(Datasource):
                              size_bytes=sum(g.bytes for g in groups),
                              input_files=sorted({g.path for g in groups}), exec_stats=None)
         # a partial of a module-level function pickles by reference: no closure over self
-        return ReadTask(functools.partial(read_row_groups, groups), meta, schema=self.schema,
-                        per_task_row_limit=row_limit)
+        return ReadTask(functools.partial(read_row_groups, groups, self.rules), meta,
+                        schema=self.schema, per_task_row_limit=row_limit)
 
     def get_name(self) -> str:
         return "ReadParquetRowGroups"
@@ -74,5 +77,6 @@ def open_ray_split(dataset, split: str, shuffle_files: bool = False, seed: int =
     row-group blocks, their order shuffled per execution when asked."""
     import ray.data
 
-    source = ParquetRowGroups(dataset.files(split), seed=seed if shuffle_files else None)
+    source = ParquetRowGroups(dataset.files(split), seed=seed if shuffle_files else None,
+                              rules=RowRules.of(dataset.meta))
     return ray.data.read_datasource(source)

@@ -15,28 +15,10 @@ import pyarrow as pa
 import torch
 
 from hilomoe.data.batches import Batch
+from hilomoe.data.checks import RowRules
 from hilomoe.data.dataset import Dataset
-from hilomoe.data.parquet import Piece, parquet_file, shard_pieces, unreadable
+from hilomoe.data.parquet import Piece, columns_of, parquet_file, shard_pieces, unreadable
 from hilomoe.data.subset import Subset
-
-
-def _column(rb: pa.RecordBatch | pa.Table, name: str, width: int) -> np.ndarray:
-    col = rb.column(name)
-    if isinstance(col, pa.ChunkedArray):
-        col = col.combine_chunks()
-    return col.flatten().to_numpy(zero_copy_only=False).reshape(-1, width)
-
-
-def columns_of(rb: pa.RecordBatch | pa.Table, num_cat: int,
-               num_numeric: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The wide columns as arrays: cat (n, F_c) int32, num (n, F_n) float32, label (n,)."""
-    cat = _column(rb, "cat", num_cat)
-    num = (_column(rb, "num", num_numeric) if num_numeric
-           else np.zeros((rb.num_rows, 0), np.float32))
-    label = rb.column("label")
-    if isinstance(label, pa.ChunkedArray):
-        label = label.combine_chunks()
-    return cat, num, label.to_numpy(zero_copy_only=False)
 
 
 def rebatch(chunks: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]], size: int,
@@ -101,6 +83,7 @@ class ParquetBatches:
         self.shuffle_buffer, self.read_rows = shuffle_buffer, read_rows
         schema = dataset.schema
         self.num_cat, self.num_numeric = len(schema.vocab_sizes), schema.numeric
+        self.rules = RowRules.of(dataset.meta)
         self.sharded = world > 1 or equal
         self.pieces = shard_pieces(self.files, rank, world, equal) if self.sharded else []
 
@@ -113,10 +96,12 @@ class ParquetBatches:
         return rows if self.subset is None else round(rows * self.subset.fraction)
 
     def _read(self, path: Path, batches) -> Iterator[tuple[np.ndarray, ...]]:
-        """Column chunks of `batches` (a lazy iterable); read errors name the file."""
+        """Column chunks of `batches` (a lazy iterable), checked; read errors name the file."""
         try:
             for rb in batches:
-                yield columns_of(rb, self.num_cat, self.num_numeric)
+                chunk = columns_of(rb, self.num_cat, self.num_numeric)
+                self.rules.check(path, *chunk)
+                yield chunk
         except (pa.ArrowInvalid, OSError) as err:
             raise unreadable(path, err) from None
 

@@ -70,7 +70,7 @@ def schema_for(cfg: TrainConfig) -> FeatureSchema:
 
 def load_data(cfg: TrainConfig) -> Data:
     if cfg.data.path:
-        ds = open_dataset(cfg.data.path)
+        ds = open_dataset(cfg.data.path, training=True)
         return Data(ds.schema, parquet_sources(ds, cfg), ds.meta.extra.get("bayes"))
     problem = generate_planted(cfg.data.synth)
     return Data(problem.schema, memory_sources(problem, cfg),

@@ -53,7 +53,12 @@ class EarlyStopping:
     bad_epochs: int = 0
 
     def update(self, score: float, epoch: int) -> bool:
-        """Record an epoch's score; True when it is the best so far."""
+        """Record an epoch's score; True when it is the best so far. An undefined score (NaN:
+        the AUC of a batch-less or one-class split) is never the best: it would also stop every
+        later epoch from improving on it, since nothing compares greater than NaN."""
+        if score != score:
+            self.bad_epochs += 1
+            return False
         if score > self.best + self.min_delta or self.best_epoch < 0:
             self.best, self.best_epoch, self.bad_epochs = score, epoch, 0
             return True

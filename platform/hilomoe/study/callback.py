@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 from ray.tune import Callback
 
+from hilomoe import jsonio
 from hilomoe.study.driver import EVENTS_FILE, RUNS_FILE, StudyRun
 from hilomoe.study.records import save_record, trial_record, write_json
 from hilomoe.study.design import DESIGN_AXIS
@@ -120,7 +121,7 @@ class StudyCallback(Callback):
 
     def _event(self, event: dict) -> None:
         with open(self.study_dir / EVENTS_FILE, "a") as f:
-            f.write(json.dumps({"time": time.time(), **event}, default=str) + "\n")
+            f.write(jsonio.dumps({"time": time.time(), **event}, default=str) + "\n")
         console = self.live()["console"]
         if console is not None:
             console(event)

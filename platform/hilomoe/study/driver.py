@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+from hilomoe import jsonio
 from hilomoe.errors import HilomoeError
 from hilomoe.study.space import SearchSpace
 from hilomoe.study.spec import StudySpec, parse_study
@@ -251,7 +252,7 @@ def _warner(console: Callable[[dict], None] | None, study_dir: str) -> Callable[
         else:
             print(f"hilomoe: warning: {message}", file=sys.stderr)
         with open(Path(study_dir) / EVENTS_FILE, "a") as f:  # and in the study's event log
-            f.write(json.dumps({"time": time.time(), "kind": "warning", "message": message})
+            f.write(jsonio.dumps({"time": time.time(), "kind": "warning", "message": message})
                     + "\n")
 
     return warn

@@ -257,7 +257,7 @@ class Costing:
     def __init__(self, spec: StudySpec, dataset: str, calibration: Calibration,
                  cache_dir: str | None):
         self.spec, self.dataset, self.cal = spec, dataset, calibration
-        ds = open_dataset(dataset)
+        ds = open_dataset(dataset, training=True)
         self.schema = ds.schema
         self.rows = {s: ds.meta.splits[s].rows for s in ds.meta.splits}
         self.cache_dir = Path(cache_dir) if cache_dir else None

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from hilomoe import jsonio
 from hilomoe.errors import HilomoeError
 from hilomoe.study.design import DESIGN_AXIS, SETTING, design_center, settings_at
 from hilomoe.study.pareto import number, usable
@@ -184,7 +185,7 @@ def verify(run, rec: Recommendation) -> Recommendation:
 
 def save(run, rec: Recommendation) -> None:
     with open(Path(run.study_dir) / RECOMMENDATIONS_FILE, "a") as f:
-        f.write(json.dumps(rec.as_dict()) + "\n")
+        f.write(jsonio.dumps(rec.as_dict()) + "\n")
 
 
 def load_recommendations(study_dir: str | Path) -> list[dict]:

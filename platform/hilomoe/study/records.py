@@ -22,6 +22,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from hilomoe import jsonio
 from hilomoe.atomic import write_atomic
 from hilomoe.study.diagnostics import diagnostics
 from hilomoe.study.spec import StudySpec
@@ -66,14 +67,11 @@ def trial_record(trial_id: str, params: dict, cfg, schema, results: list[dict], 
     }
 
 
-def jsonable(v: Any) -> Any:
-    return None if isinstance(v, float) and not math.isfinite(v) else str(v)
-
-
 def write_json(path: Path, obj: Any) -> None:
     """Written aside under a unique name and renamed: a reader never sees half a file, and two
-    writers of the same path (a trial's callback and a resumed driver) never share a temp."""
-    write_atomic(path, json.dumps(obj, indent=2, default=jsonable))
+    writers of the same path (a trial's callback and a resumed driver) never share a temp.
+    NaN and infinities are written as null: the file stays valid JSON."""
+    write_atomic(path, jsonio.dumps(obj, indent=2, default=str))
 
 
 def save_record(study_dir: str | Path, record: dict) -> None:
@@ -89,9 +87,11 @@ def load_records(study_dir: str | Path) -> list[dict]:
 
 
 def best_record(spec: StudySpec, records: list[dict]) -> dict | None:
-    """The best completed trial by the study's first objective."""
+    """The best completed trial by the study's first objective; an undefined (NaN) metric is
+    never the best (max and min would keep or skip it depending on where it stands)."""
     obj = spec.objectives[0]
-    done = [r for r in records if r["status"] == "completed" and r.get(obj.metric) is not None]
+    done = [r for r in records if r["status"] == "completed"
+            and isinstance(r.get(obj.metric), (int, float)) and math.isfinite(r[obj.metric])]
     if not done:
         return None
     return (max if obj.mode == "max" else min)(done, key=lambda r: r[obj.metric])

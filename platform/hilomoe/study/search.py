@@ -21,6 +21,7 @@ from typing import Any
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
+from hilomoe import jsonio
 from hilomoe.study.space import SearchSpace
 from hilomoe.study.spec import StudySpec
 
@@ -121,7 +122,7 @@ class FixedPoints(Searcher):
 
     def save(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "w") as f:
-            json.dump(self.todo, f)
+            f.write(jsonio.dumps(self.todo))
 
     def restore(self, checkpoint_path: str) -> None:
         with open(checkpoint_path) as f:

@@ -32,6 +32,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from hilomoe import jsonio
 from hilomoe.errors import HilomoeError
 
 if TYPE_CHECKING:
@@ -97,7 +98,7 @@ def _key(name: Any) -> str:
 
 def _param_value(value: Any) -> str:
     if isinstance(value, (list, tuple, dict)):
-        text = json.dumps(value, default=str)
+        text = jsonio.dumps(value, default=str)
     else:
         text = str(value)
     return text if len(text) <= _MAX_PARAM_VALUE else text[:_MAX_PARAM_VALUE - 3] + "..."
@@ -133,7 +134,7 @@ def _finite(metrics: Mapping[str, Any]) -> dict[str, float]:
 
 
 def _json_text(obj: Any) -> str:
-    return json.dumps(obj, indent=2, sort_keys=True, default=str)
+    return jsonio.dumps(obj, indent=2, sort_keys=True, default=str)
 
 
 def _chain(exc: BaseException) -> list[BaseException]:

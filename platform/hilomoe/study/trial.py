@@ -107,7 +107,7 @@ def run_in_process(cfg: TrainConfig, ctx: TrialContext, reporter: Reporter,
     `reporter` (Tune's, in a study). `trial_id` names it in the trial cache: a later trial
     that replays its result says where the result came from."""
     torch.set_num_threads(ctx.threads)
-    dataset = open_dataset(ctx.dataset)
+    dataset = open_dataset(ctx.dataset, training=True)
     data = Data(dataset.schema, parquet_sources(dataset, cfg), dataset.meta.extra.get("bayes"))
     device = trial_device(ctx.study)
     facts = {**trial_cost(cfg, dataset.schema), "stage1_reused": False, "stage1_seconds": 0.0,

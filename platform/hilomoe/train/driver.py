@@ -18,11 +18,12 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
+from hilomoe import jsonio
 from hilomoe.config import TrainConfig, parse_config
 from hilomoe.data.dataset import META_FILE, check_unchanged, open_dataset
-from hilomoe.errors import DatasetError, HilomoeError, out_of_memory
+from hilomoe.errors import DatasetError, HilomoeError, hilomoe_cause, out_of_memory
 from hilomoe.train.resources import WorkerPlan, plan_workers
 from hilomoe.engine.loop import stage_weights
 from hilomoe.train.worker import WorkerJob, read_checkpoint, train_loop
@@ -77,7 +78,7 @@ def dataset_path(cfg: TrainConfig) -> Path:
     """The dataset a distributed run streams; checked here, before Ray starts."""
     if cfg.data.path:
         path = Path(cfg.data.path).resolve()
-        open_dataset(path)  # raises DatasetError naming the problem
+        open_dataset(path, training=True)  # raises DatasetError naming the problem
         return path
     return synth_dataset(cfg)
 
@@ -105,7 +106,7 @@ class TrainRun:
         run = cls(str(out), cfg.model_dump(mode="json"), str(dataset),
                   f"{out.name}-{time.strftime('%Y%m%d-%H%M%S')}", storage,
                   open_dataset(dataset, check_shards=False).fingerprint())
-        (out / RUN_FILE).write_text(json.dumps(asdict(run), indent=2))
+        (out / RUN_FILE).write_text(jsonio.dumps(asdict(run), indent=2))
         return run
 
     @classmethod
@@ -272,8 +273,8 @@ def make_trainer(cfg: TrainConfig, job: WorkerJob, dataset, plan: WorkerPlan, na
 def _failure_message(err: Exception, run: TrainRun) -> str:
     failures = getattr(err, "worker_failures", None) or {}
     cause = next(iter(failures.values()), None) or err.__cause__ or err
-    if isinstance(cause, HilomoeError):
-        return str(cause)
+    if hilomoe_cause(cause) is not None:
+        return str(hilomoe_cause(cause))
     if out_of_memory(cause):
         return out_of_memory(cause)
     first = str(cause).strip().splitlines()
@@ -285,7 +286,7 @@ def _failure_message(err: Exception, run: TrainRun) -> str:
 def train_ray(run: TrainRun, on_event: Callable[[dict], None] | None = None) -> dict:
     """Run (or continue) `run` on Ray Train; returns the summary also written to result.json."""
     cfg = run.cfg
-    dataset = open_dataset(run.dataset)
+    dataset = open_dataset(run.dataset, training=True)
     started = connect_ray()  # first: it sets the environment Ray reads on import
     import ray
 
@@ -326,10 +327,7 @@ def _collect(run: TrainRun, result, plan: WorkerPlan) -> dict:
     summary.update(out_dir=run.out_dir, workers=plan.workers, plan=plan.as_dict(),
                    checkpoint=result.checkpoint.path, storage=run.storage, run_name=run.name)
     tmp = out / ".result.json.tmp"  # written aside, renamed: never a half-written result
-    tmp.write_text(json.dumps(summary, indent=2, default=_jsonable))
+    tmp.write_text(jsonio.dumps(summary, indent=2, default=str))
     tmp.replace(out / "result.json")
     return summary
 
-
-def _jsonable(v: Any) -> Any:
-    return None if v != v else str(v)
