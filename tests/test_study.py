@@ -179,8 +179,19 @@ def test_a_study_runs_trials_shares_stage_1_tracks_mlflow_and_reports(workdir):
         history = c.get_metric_history(child.info.run_id, "base/valid_auc")
         assert [m.step for m in history] == list(range(len(history))) and history
         base_aucs.add(tuple(m.value for m in history))
-        assert child.data.params["model.moe.variant"] in ("dense", "hilomoe", "flat")
+        # the searched settings apart; a dense trial carries no MoE setting it ignored
+        variant = child.data.params["search.model.moe.variant"]
+        assert variant in ("dense", "hilomoe", "flat") and "model.moe.variant" not in \
+            child.data.params
+        moe = [k for k in child.data.params if k.startswith(("model.moe.", "stages.joint."))]
+        assert bool(moe) == (variant != "dense"), moe
+        assert "data.path" not in child.data.params and "None" not in child.data.params.values()
+        # how it ended, and one value per summary metric, at step 0
+        status = child.data.tags["hilomoe.status"]
+        assert status in ("completed", "pruned") and child.info.status == "FINISHED"
         assert "test_auc" in child.data.metrics and "flops" in child.data.metrics
+        assert [m.step for m in c.get_metric_history(child.info.run_id, "valid_auc")] == [0]
+        assert child.data.tags["mlflow.source.name"] == "hilomoe study run"
     # a shared stage 1 is one stage 1: every trial shows the same base-stage epochs
     assert len(base_aucs) == 1
     best_run = next(r for r in children if r.info.run_name == best["trial_id"])
@@ -189,7 +200,26 @@ def test_a_study_runs_trials_shares_stage_1_tracks_mlflow_and_reports(workdir):
     mlflow.set_tracking_uri(uri)
     models = mlflow.search_logged_models(experiment_ids=[exp.experiment_id],
                                          output_format="list")
-    assert [m.source_run_id for m in models] == [best_run.info.run_id]
+    # the best model: a LoggedModel of the study run, with the best trial's final metrics
+    assert [m.source_run_id for m in models] == [parent.info.run_id]
+    assert models[0].tags["hilomoe.trial_run_id"] == best_run.info.run_id
+    logged = {m.key: m.value for m in models[0].metrics}
+    assert logged["valid_auc"] == pytest.approx(best["valid_auc"])
+    assert logged["test_auc"] == pytest.approx(best["test_auc"]) and "flops" in logged
+    from mlflow.models import get_model_info
+
+    info = get_model_info(f"models:/{models[0].model_id}")
+    # one named column per field, the ids first: what a served model takes
+    assert [c.name for c in info.signature.inputs.inputs] == ["C1", "C2", "C3", "C4", "I1"]
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    view = json.loads(exp.tags["mlflow.sharedViewState.hilomoe"])
+    columns = json.loads(view["state"])["selectedColumns"]
+    assert "params.`search.model.moe.variant`" in columns and "metrics.`valid_auc`" in columns
+    assert summary["mlflow_url"].endswith(
+        f"/#/experiments/{exp.experiment_id}?viewStateShareKey=hilomoe")
+    # the report MLflow shows: HTML with its plots inlined
+    page = c.download_artifacts(parent.info.run_id, "report/report.html", str(workdir / "dl"))
+    assert "data:image/png;base64," in Path(page).read_text()
 
     # the same study again: every configuration was trained before, so every trial replays its
     # result (same metrics, no training)
@@ -198,6 +228,17 @@ def test_a_study_runs_trials_shares_stage_1_tracks_mlflow_and_reports(workdir):
     first = {json.dumps(t["params"], sort_keys=True): t["valid_auc"] for t in trials}
     assert all(first.get(json.dumps(t["params"], sort_keys=True), t["valid_auc"]) ==
                t["valid_auc"] for t in rerun["trials"])
+    # in MLflow a replayed trial says so, names the trial that trained it, and shows the
+    # epochs and seconds that training took
+    replayed = c.search_runs([exp.experiment_id], filter_string=(
+        f"tags.`mlflow.parentRunId` = '{rerun['mlflow_run_id']}'"))
+    ids = {t["trial_id"] for t in trials}
+    assert len(replayed) == 4
+    for run in replayed:
+        assert run.data.tags["hilomoe.status"] == "reused"
+        origin = run.data.tags["hilomoe.reused_from"]
+        assert origin.startswith("trial ") and origin.split()[1] in ids, origin
+        assert run.data.metrics["epochs"] > 0 and run.data.metrics["train_seconds"] > 0
 
     # the report again, from the study directory and from the MLflow experiment
     again = one_json(hilomoe("study", "report", str(study_dir), "--json").stdout)
@@ -245,7 +286,7 @@ def test_repeats_train_the_baseline_and_the_front_again_and_give_the_interval(wo
                              filter_string=f"tags.`mlflow.parentRunId` = "
                                            f"'{summary['mlflow_run_id']}'")
     assert len(children) == len(trials) + len(repeats)
-    assert {r.data.params["seed"] for r in children} == {"0", "1"}
+    assert {r.data.params["seed"] for r in children} == {"0", "1"}  # a repeat's seed: plain
 
 
 @pytest.mark.slow
@@ -430,5 +471,6 @@ def test_a_trial_with_two_workers_trains_on_a_torch_trainer(workdir):
     c = client(summary["tracking_uri"])
     child = c.search_runs([c.get_experiment_by_name("tiny").experiment_id],
                           filter_string=f"attributes.run_name = '{trial['trial_id']}'")[0]
+    # epochs on the run's axis: the joint stage follows the two before it
     stages = [m.step for m in c.get_metric_history(child.info.run_id, "joint/valid_auc")]
-    assert stages == list(range(len(stages))) and stages
+    assert stages and stages[0] > 0 and stages == list(range(stages[0], stages[0] + len(stages)))

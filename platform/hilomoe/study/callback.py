@@ -135,9 +135,11 @@ class StudyCallback(Callback):
         live = self.live()
         params = live["space"].overrides(trial.config)
         cfg = live["ctx"].config(trial.config)
+        study = live["ctx"].study
+        searched = {k: v for k, v in params.items() if k in study.space}  # not a repeat's seed
         tracker = live["tracker"]
         tracker.start_trial(trial.trial_id,
-                            params=trial_params(cfg, params, live["ctx"].study.train.data.path),
+                            params=trial_params(cfg, searched, study.train.data.path),
                             config=cfg.model_dump(mode="json"),
                             run_id=tracker.run_ids.get(trial.trial_id), tags=SOURCE_TAGS)
         write_json(self.study_dir / RUNS_FILE, tracker.run_ids)
