@@ -215,8 +215,8 @@ def test_a_study_runs_trials_shares_stage_1_tracks_mlflow_and_reports(workdir):
     view = json.loads(exp.tags["mlflow.sharedViewState.hilomoe"])
     columns = json.loads(view["state"])["selectedColumns"]
     assert "params.`search.model.moe.variant`" in columns and "metrics.`valid_auc`" in columns
-    assert summary["mlflow_url"].endswith(
-        f"/#/experiments/{exp.experiment_id}?viewStateShareKey=hilomoe")
+    assert summary["mlflow_url"].endswith(f"/#/experiments/{exp.experiment_id}/runs?"
+                                          f"workflowType=machine_learning&viewStateShareKey=hilomoe")
     # the report MLflow shows: HTML with its plots inlined
     page = c.download_artifacts(parent.info.run_id, "report/report.html", str(workdir / "dl"))
     assert "data:image/png;base64," in Path(page).read_text()
@@ -424,8 +424,8 @@ def test_a_study_survives_its_mlflow_server_restarting(workdir):
         for r in children:
             metrics = {m["key"] for m in r["data"]["metrics"]}
             params = {p["key"]: p["value"] for p in r["data"]["params"]}
-            stages = ["base"] + (["experts", "joint"] if params["model.moe.variant"] != "dense"
-                                 else [])
+            stages = ["base"] + (["experts", "joint"]
+                                 if params["search.model.moe.variant"] != "dense" else [])
             assert {f"{s}/valid_auc" for s in stages} | {"test_auc", "flops"} <= metrics
             assert r["info"]["status"] == "FINISHED"
     finally:

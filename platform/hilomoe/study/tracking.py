@@ -53,10 +53,11 @@ STATUS_TAG = "hilomoe.status"      # completed, pruned, reused or failed: how a 
 REUSED_TAG = "hilomoe.reused_from"  # where a replayed trial's result was trained
 PARENT_TAG = "mlflow.parentRunId"  # what MLflow's UI nests runs by
 SEARCH_PREFIX = "search."          # the searched settings' params, apart from the fixed ones
-# MLflow 3's UI opens an experiment in its model-training view (runs, metrics, models) for this
-# kind; without it, the GenAI view (traces, evaluation runs) takes over.
+# What the experiment is, for MLflow's UI: model training, not GenAI. MLflow 3.17's UI picks its
+# view from the URL's `workflowType` (else the browser's last choice, GenAI by default), so the
+# links hilomoe prints carry `workflowType=machine_learning` as well.
 KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
-VIEW_KEY = "hilomoe"                 # the saved view: `#/experiments/<id>?viewStateShareKey=hilomoe`
+VIEW_KEY = "hilomoe"  # the saved view, `.../runs?workflowType=machine_learning&viewStateShareKey=`
 VIEW_TAG = f"mlflow.sharedViewState.{VIEW_KEY}"
 
 _MAX_PARAMS_PER_BATCH = 100
@@ -406,14 +407,12 @@ class Tracker:
     @_guarded
     def set_view(self, columns: list[str], order_by: str, ascending: bool) -> None:
         """The experiment's saved view: the runs table with `columns` (MLflow's column keys,
-        e.g. ``metrics.`valid_auc` ``), the trials nested under the study, best first. MLflow's
-        UI opens it at `view_url()`."""
-        state = {"searchFilter": "", "orderByKey": order_by, "orderByAsc": ascending,
-                 "startTime": "ALL", "lifecycleFilter": "Active", "datasetsFilter": [],
-                 "modelVersionFilter": "All Runs", "selectedColumns": columns,
-                 "runsExpanded": {}, "runsPinned": [], "runsHidden": [],
-                 "runsHiddenMode": "SHOW_ALL", "viewMaximized": False, "runListHidden": False,
-                 "hideEmptyCharts": True, "useGroupedValuesInCharts": True, "groupBy": None}
+        e.g. ``metrics.`valid_auc` ``), best first. MLflow's UI opens it at `view_url()`. The
+        state is flat, search facets and table state side by side, as MLflow 3.17's UI reads
+        a shared view (checked in a browser: tests/test_ui_browser.py); keys left out take
+        the UI's defaults."""
+        state = {"selectedColumns": columns, "orderByKey": order_by, "orderByAsc": ascending,
+                 "runsHiddenMode": "SHOW_ALL"}
         now = _now_ms()
         envelope = json.dumps({"name": "hilomoe: trials", "createdAt": now, "updatedAt": now,
                                "state": json.dumps(state)})
@@ -802,7 +801,10 @@ def study_views(uri: str, base: str) -> list[tuple[str, str]]:
 
 
 def _view_url(base: str, experiment_id: str) -> str:
-    return f"{base.rstrip('/')}/#/experiments/{experiment_id}?viewStateShareKey={VIEW_KEY}"
+    # the runs page itself: a redirect to it would add search facets to the URL, and the UI
+    # ignores a shared view whenever the URL holds any
+    return (f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs"
+            f"?workflowType=machine_learning&viewStateShareKey={VIEW_KEY}")
 
 
 def load_records(experiment: str, uri: str | None = None) -> tuple[list[dict], str | None]:
