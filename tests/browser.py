@@ -34,6 +34,8 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+from mlflow_server import free_port
+
 # The package's version is Chromium's major version; the digest is the registry's
 # `dist.integrity` for that tarball, so a changed or truncated download is refused.
 SPARTICUZ_VERSION = "153.0.0"
@@ -291,8 +293,9 @@ class Page:
                 return value
             if time.monotonic() > deadline:
                 text = self.evaluate("document.body ? document.body.innerText : ''") or ""
+                errors = "".join(f"\n  {e[:300]}" for e in self.errors[-5:])
                 raise AssertionError(f"{what or expression} did not appear; the page shows:\n"
-                                     f"{text[:3000]}")
+                                     f"{text[:3000]}\nits last script errors:{errors or ' none'}")
             time.sleep(0.25)
 
     def text(self) -> str:
@@ -303,15 +306,8 @@ class Page:
         Path(path).write_bytes(base64.b64decode(data))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _devtools(port: int, path: str, method: str = "GET"):
-    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method=method)
-    with urllib.request.urlopen(req, timeout=5) as resp:
+def _devtools(port: int, path: str):
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
         return json.loads(resp.read())
 
 
@@ -319,7 +315,7 @@ def _devtools(port: int, path: str, method: str = "GET"):
 def headless_page(exe: str, width: int = 1440, height: int = 900, timeout: float = 60.0):
     """Starts `exe` headless with a DevTools port on loopback and yields one Page; stops the
     browser (by its handle) and removes its profile afterwards."""
-    port = _free_port()
+    port = free_port()
     profile = Path(tempfile.mkdtemp(prefix="hilomoe-chromium-"))
     cmd = [exe, "--headless=shell", "--no-sandbox", "--no-zygote", "--single-process",
            "--in-process-gpu", "--use-angle=swiftshader", "--enable-unsafe-swiftshader",
@@ -374,4 +370,4 @@ if __name__ == "__main__":
     print(exe)
     with headless_page(exe) as page:
         page.goto("data:text/html,<h1>hello</h1>")
-        print(page.wait_for("document.querySelector('h1') && document.querySelector('h1').textContent"))
+        print(page.wait_for("document.querySelector('h1')?.textContent"))
