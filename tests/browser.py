@@ -317,7 +317,7 @@ def headless_page(exe: str, width: int = 1440, height: int = 900, timeout: float
     browser (by its handle) and removes its profile afterwards."""
     port = free_port()
     profile = Path(tempfile.mkdtemp(prefix="hilomoe-chromium-"))
-    cmd = [exe, "--headless=shell", "--no-sandbox", "--no-zygote", "--single-process",
+    cmd = [exe, "--headless", "--no-sandbox", "--no-zygote", "--single-process",
            "--in-process-gpu", "--use-angle=swiftshader", "--enable-unsafe-swiftshader",
            "--no-first-run", "--no-default-browser-check", "--disable-extensions",
            "--disable-background-networking", "--hide-scrollbars", "--lang=en-US",
