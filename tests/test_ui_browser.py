@@ -121,15 +121,16 @@ def test_mlflow_ui_shows_the_study_as_model_training_with_statuses_and_the_repor
             if os.environ.get("HILOMOE_SCREENSHOT"):
                 page.screenshot(REPO / os.environ["HILOMOE_SCREENSHOT"])
 
-            # one trial's page: finished, with its status tag
-            run_id = shown[0]["run_id"]
-            page.goto(f"{base}/#/experiments/{experiment}/runs/{run_id}"
-                      f"?workflowType=machine_learning")
-            about = page.wait_for("(() => { const t = document.body.innerText; "
-                                  "return t.includes('About this run') && t; })()",
-                                  what="the trial's run page")
-            assert re.search(r"Status\s+Finished", about)
-            assert re.search(r"hilomoe\.status\s*:\s*completed", about)
+            # each trial's page: the run FINISHED, its status tag saying how
+            for cells in shown:
+                page.goto(f"{base}/#/experiments/{experiment}/runs/{cells['run_id']}"
+                          f"?workflowType=machine_learning")
+                about = page.wait_for(
+                    f"(() => {{ const t = document.body.innerText; return "
+                    f"t.includes('About this run') && t.includes('{cells['run_id']}') && t; }})()",
+                    what=f"the run page of {cells['run_id']}")
+                assert re.search(r"Status\s+Finished", about)
+                assert re.search(r"hilomoe\.status\s*:\s*completed", about)
 
             # the study run's report: report.html, its plots inlined, drawn in the viewer's
             # sandboxed frame (which only the DevTools protocol can look into)
