@@ -412,7 +412,10 @@ class Tracker:
         a shared view (checked in a browser: tests/test_ui_browser.py); keys left out take
         the UI's defaults."""
         state = {"selectedColumns": columns, "orderByKey": order_by, "orderByAsc": ascending,
-                 "runsHiddenMode": "SHOW_ALL"}
+                 "runsHiddenMode": "SHOW_ALL",
+                 # the trials only: the study's run holds the best model's metrics, and would
+                 # sort among them
+                 "searchFilter": f"tags.`{ROLE_TAG}` = 'trial'"}
         now = _now_ms()
         envelope = json.dumps({"name": "hilomoe: trials", "createdAt": now, "updatedAt": now,
                                "state": json.dumps(state)})
