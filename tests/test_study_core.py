@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from hilomoe.bench.study import measure
-from hilomoe.config import StageName, parse_config
+from helpers import on_dataset, planted_dataset
+from hilomoe.config import StageName
 from hilomoe.data.synth import write_synth
 from hilomoe.engine.local import build_model, parquet_sources
 from hilomoe.engine.loop import Engine, run_stages
@@ -199,13 +200,11 @@ def test_labels_are_short_and_unique():
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "ds"
-    write_synth(parse_config(TRAIN).data.synth, path)
-    return path
+    return planted_dataset(tmp_path_factory, TRAIN)
 
 
 def cfg_with(dataset, **overrides):
-    return parse_config(TRAIN).with_overrides(**{"data.path": str(dataset), **overrides})
+    return on_dataset(TRAIN, dataset, **overrides)
 
 
 def test_the_cache_key_depends_on_the_base_and_not_on_the_experts(dataset):
