@@ -27,7 +27,7 @@ from hilomoe.engine.loop import Engine
 from hilomoe.errors import HilomoeError
 from hilomoe.study import cache as cache_mod
 from hilomoe.study.cache import Stage1Cache, Stage1Entry, TrialCache, source_hash
-from hilomoe.study.records import write_json
+from hilomoe.tracking.records import write_json
 from hilomoe.study.spec import parse_study
 from hilomoe.study.trial import TrialContext, run_in_process
 

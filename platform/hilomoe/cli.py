@@ -466,10 +466,9 @@ def _print_study(summary: dict) -> None:
 def cmd_study_report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from hilomoe.study.plan import saved_cost
+    from hilomoe.report.writer import write_report
     from hilomoe.study.recommend import load_recommendations
-    from hilomoe.study.report import write_report
-    from hilomoe.study.records import load_records
+    from hilomoe.tracking.records import load_records, saved_cost
 
     target = Path(args.target)
     parent, cost = None, None
@@ -482,7 +481,7 @@ def cmd_study_report(args: argparse.Namespace) -> int:
                            f"directory of `hilomoe study run`, or an MLflow experiment name.")
     else:
         from hilomoe.config import plain_name_problem
-        from hilomoe.study.tracking import load_records as mlflow_records
+        from hilomoe.tracking.read import load_records as mlflow_records
 
         problem = None if args.out else plain_name_problem(args.target)
         if problem:  # the report would land at reports/<target>, outside reports/
@@ -495,7 +494,7 @@ def cmd_study_report(args: argparse.Namespace) -> int:
                           recommendations=load_recommendations(target) if parent is None else None,
                           cost=cost)
     if parent is not None:
-        from hilomoe.study.tracking import Tracker
+        from hilomoe.tracking.runs import Tracker
 
         tracker = Tracker(args.target)
         tracker.start_study({}, run_id=parent)
@@ -514,10 +513,9 @@ def cmd_study_recommend(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from hilomoe.study.driver import StudyRun
-    from hilomoe.study.plan import saved_cost
+    from hilomoe.report.writer import write_report
     from hilomoe.study.recommend import load_recommendations, recommend, save, verify
-    from hilomoe.study.records import load_records
-    from hilomoe.study.report import write_report
+    from hilomoe.tracking.records import load_records, saved_cost
 
     if not args.flops > 0:
         raise HilomoeError(f"--flops: must be a positive number of FLOPs per sample, got "
@@ -553,7 +551,8 @@ def cmd_ui(args: argparse.Namespace) -> int:
     import os
     import subprocess
 
-    from hilomoe.study.tracking import study_views, tracking_uri
+    from hilomoe.tracking.read import study_views
+    from hilomoe.tracking.retry import tracking_uri
 
     uri = tracking_uri()
     if uri.startswith(("http://", "https://")):

@@ -509,8 +509,7 @@ def plan_study(spec: StudySpec, dataset: str | Path, cache_dir: str | None = Non
 def actual_phases(records: list[dict], events: list[dict]) -> dict[str, dict]:
     """Per phase, the trials the study ran and the wall time from its first trial's start to
     its last trial's end (from the event log)."""
-    from hilomoe.study.design import DESIGN_AXIS
-    from hilomoe.study.space import REPEAT_OF
+    from hilomoe.report.fields import DESIGN_AXIS, REPEAT_OF
 
     def phase(r: dict) -> str:
         return "design" if r.get(DESIGN_AXIS) else "repeats" if r.get(REPEAT_OF) else "search"
@@ -540,12 +539,3 @@ def compare(plan: dict, actual_wall_s: float, records: list[dict],
                                    "actual": actual[p["phase"]]["wall_s"]}}
                        for p in plan["phases"]]}
 
-
-def saved_cost(study_dir: str | Path) -> dict | None:
-    """The planned-against-actual entry a finished study saved in its summary, if any."""
-    import json
-
-    from hilomoe.study.driver import RESULT_FILE
-
-    path = Path(study_dir) / RESULT_FILE
-    return json.loads(path.read_text()).get("plan") if path.is_file() else None

@@ -24,16 +24,13 @@ import json
 from typing import Any, Iterator
 
 from hilomoe.config import ConfigError, TrainConfig
+from hilomoe.report.fields import FIXED
 from hilomoe.study.spec import Domain, StudySpec
 
 SCALARS = (bool, int, float, str, type(None))
 # settings that decide whether others apply, drawn before the rest (in this order)
 GATES = ("model.moe.variant", "model.moe.levels", "stages.base.enabled",
          "stages.experts.enabled", "stages.joint.enabled")
-# A fixed point (a repeat, a law design's grid point) holds its settings already resolved
-# under FIXED, and says what it is for under REPEAT_OF (`study/verdict.py`) or
-# `design.DESIGN_AXIS`.
-FIXED, REPEAT_OF = "settings", "repeat_of"
 # `points()` lists a discrete space up to this many points (and an int range up to this many
 # values); a larger or continuous space is drawn without a count
 MAX_POINTS = 100_000
