@@ -43,7 +43,7 @@ import torch
 
 from hilomoe.config import StageName, TrainConfig
 from hilomoe.data.dataset import open_dataset
-from hilomoe.engine.local import base_model_config, build_model, parquet_sources
+from hilomoe.engine.local import base_model_config, build_model, parquet_sources, schema_for
 from hilomoe.engine.loop import Engine
 from hilomoe.model.flops import model_cost
 from hilomoe.study.design import settings_at
@@ -142,7 +142,7 @@ def corners(spec: StudySpec, configs: list[TrainConfig]) -> list[TrainConfig]:
     cost = {}
     for cfg in configs:
         if schema is None:
-            schema = open_dataset(cfg.data.path).schema
+            schema = schema_for(cfg)  # the space shares one dataset
         cost[config_key(cfg)] = model_cost(schema, cfg.model).flops
     out: dict[str, TrainConfig] = {}
     for group in (configs, [c for c in configs if c.model.moe.has_experts]):
