@@ -58,8 +58,7 @@ import numpy as np
 
 from hilomoe.data.convert.chunks import CHUNK_BYTES, CHUNK_ROWS
 from hilomoe.data.convert.formats import Sizes, make_format
-from hilomoe.data.convert.pipeline import (Pass1Job, Pass2Job, Splitter, ThreadChunks, encode,
-                                           summarize)
+from hilomoe.data.convert.pipeline import Pass1Job, Pass2Job, Splitter, ThreadChunks
 from hilomoe.data.convert.text import ConvertError, Problems
 from hilomoe.data.convert.vocab import Encoder, FieldCounts, KeyCounts
 from hilomoe.memory import peak_rss_mb
@@ -177,7 +176,7 @@ def _pass1(fmt, chunks, runner, cache, problems: Problems, options: ConvertOptio
     chunk_rows = []
     next_line: dict[str, int] = {}  # per text file: the line number its next chunk starts at
     job = Pass1Job(fmt, counting, options.split == "time", cache)
-    for chunk, s in zip(chunks, runner.map(summarize, job, chunks)):
+    for chunk, s in zip(chunks, runner.pass1(job, chunks)):
         if chunk.kind == "text":  # problems as "file:line", counting the chunks before
             first = chunk.first_line or next_line[chunk.path]
             next_line[chunk.path] = first + s.positions
@@ -214,7 +213,7 @@ def _pass2(fmt, chunks, runner, cache, stats: Stats, writer: DatasetWriter,
                      np.concatenate([[0], np.cumsum(stats.chunk_rows)[:-1]]).tolist(),
                      stats.bounds)
     job = Pass2Job(fmt, stats.encoders, stats.mean, stats.std, cache, split)
-    for enc in runner.map(encode, job, chunks):
+    for enc in runner.pass2(job, chunks):
         for name, (cat, num, label) in zip(SPLITS, enc.splits):
             writer.write(name, cat, num, label)
 
