@@ -150,18 +150,21 @@ def encode(job: Pass2Job, chunk: Chunk, block: Block | None = None) -> Encoded:
         block = read_block(Path(job.cache) / f"{chunk.index:06d}.arrow")
     else:
         block = job.fmt.parse(chunk)
-    cat = np.empty((len(block), len(job.encoders)), dtype=np.int32)
+    # ids field by field into rows of (F_c, n), each written contiguously; the split's rows
+    # are then gathered from its transpose: 2x faster than writing (n, F_c)'s strided columns
+    cat_t = np.empty((len(job.encoders), len(block)), dtype=np.int32)
     for f, (enc, codes) in enumerate(zip(job.encoders, block.cat)):
         positions = None
         if job.cache is not None and enc.id_of is not None:
             positions = np.fromfile(positions_file(job.cache, chunk.index, f), dtype=np.int32)
-        cat[:, f] = enc(codes, positions)
+        cat_t[f] = enc(codes, positions)
     num = block.num
     if num.shape[1]:
         num = np.nan_to_num((num - job.mean) / job.std)
     num = num.astype(np.float32)
     which = job.split(chunk, len(block), block.time)
-    return Encoded([(cat[m], num[m], block.label[m]) for m in (which == c for c in range(3))])
+    rows = [np.flatnonzero(which == c) for c in range(3)]
+    return Encoded([(cat_t.T[r], num[r], block.label[r]) for r in rows])
 
 
 # ----------------------------------------------------------------------------------------------

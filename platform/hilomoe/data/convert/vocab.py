@@ -188,6 +188,14 @@ def _keys_of(values: pa.Array) -> tuple[np.ndarray, int] | None:
     return keys, int(empty[0]) if len(empty) else -1
 
 
+def _merged(a: np.ndarray, b: np.ndarray, slots: np.ndarray, old: np.ndarray) -> np.ndarray:
+    """a's and b's values in one array: b's at `slots`, a's where `old` is True."""
+    out = np.empty(len(a) + len(b), dtype=a.dtype)
+    out[slots] = b
+    out[old] = a
+    return out
+
+
 class _KeyTable:
     """A count table whose values are 8-byte strings (as int64 keys) and at most one empty
     value: Criteo's ids. Merging looks keys up by binary search in a sorted copy instead of
@@ -233,9 +241,12 @@ class _KeyTable:
         self.keys = np.concatenate([self.keys, new])
         self.counts = np.concatenate([self.counts, np.zeros(len(new), dtype=np.int64)])
         self.counts[pos] += counts  # positions are distinct: values are
-        if len(new):
-            self._sorted = np.insert(self._sorted, at[~found], new)
-            self._order = np.insert(self._order, at[~found], new_pos)
+        if len(new):  # merge two sorted runs (np.insert would sort the indices again)
+            slots = at[~found] + np.arange(len(new))  # where the new keys land
+            old = np.ones(len(self._sorted) + len(new), dtype=bool)
+            old[slots] = False
+            self._sorted, self._order = _merged(self._sorted, new, slots, old), \
+                _merged(self._order, new_pos, slots, old)
         return pos
 
     def keep(self, kept: np.ndarray) -> None:
