@@ -305,6 +305,17 @@ def vocabulary(values: pa.Array, counts: np.ndarray, min_count: int,
                max_vocab: int | None) -> np.ndarray:
     """Table positions of the vocabulary in id order (id = index + 1): count >= min_count (and
     >= 1), not missing, by decreasing count then value; at most max_vocab of them."""
+    keyed = _keys_of(values)
+    if keyed is not None:  # 8-byte values: sorted as big-endian integers, ~3x faster
+        keys, empty = keyed
+        full = np.ones(len(values), dtype=bool)
+        if empty >= 0:
+            full[empty] = False
+        order_key = np.zeros(len(values), dtype=np.uint64)
+        order_key[full] = keys.byteswap().view(np.uint64)  # byte order = big-endian order
+        pos = np.flatnonzero(full & (counts >= max(min_count, 1)))
+        pos = pos[np.lexsort((order_key[pos], -counts[pos]))]
+        return pos if max_vocab is None else pos[:max_vocab]
     table = pa.table({"v": values, "c": counts, "p": np.arange(len(values), dtype=np.int64)})
     keep = pc.and_(pc.greater_equal(table["c"], max(min_count, 1)),
                    pc.not_equal(table["v"], b""))
