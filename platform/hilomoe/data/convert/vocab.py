@@ -11,6 +11,11 @@ of a chunk's values sits in the final table: with a `positions_dir`, those posit
 per chunk and field, and pass 2 encodes the chunk by two gathers (table position -> id, value ->
 position) instead of hashing its values again.
 
+Where every value is 8 bytes long or empty (Criteo's ids), the table is kept as int64 keys
+(_KeyTable): a merge looks the pending values up by binary search in a sorted copy of the keys,
+instead of hashing the whole table's bytes again, at the same points and with the same counts,
+prunes and positions' meaning; the first value of another length turns it back into bytes.
+
 Bounded memory (`max_vocab` = N). The vocabulary keeps the N most frequent values, so the table
 need not hold every value: when a merge leaves it with more than CAPACITY_FACTOR * N = 4N entries,
 the entries counted at most c times are dropped, c being the (2N + 1)-th largest count, so at most
