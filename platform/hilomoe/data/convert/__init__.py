@@ -37,10 +37,10 @@ is the same. Ray is also used, unasked, inside a Ray job or with RAY_ADDRESS set
 at hand) when the input spans more than one chunk (a one-chunk input gains nothing from it).
 The inputs must then be readable at the same paths on every node.
 
-Memory is bounded by the chunks in flight (threads + 1, at most MAX_THREADS threads) plus the
-count tables: one entry per distinct value without `max_vocab`; with it, fewer than 8 * max_vocab
+Memory is bounded by the chunks in flight (threads + 1, at most MAX_THREADS threads), the
+writer's queue (dataset.MAX_IN_FLIGHT tables) and the count tables: one entry per distinct value without `max_vocab`; with it, fewer than 8 * max_vocab
 entries plus one chunk's distinct values per field, whatever the input (vocab.py; the result's
-`count_table_peak_entries` reports the most each field held). ~500-600 MB peak for 1M or 2M
+`count_table_peak_entries` reports the most each field held). ~550-620 MB peak for 1M or 2M
 Criteo rows with 100k ids per field on 2 cores (`hilomoe bench convert`).
 """
 
