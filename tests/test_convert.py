@@ -385,6 +385,49 @@ def test_max_vocab_without_pruning_equals_the_exact_top_n(tmp_path):
     assert "max_vocab" not in full["extra"]
 
 
+@pytest.mark.parametrize("max_vocab", [None, 3])
+def test_count_tables_of_8_byte_ids_count_like_tables_of_bytes(max_vocab, tmp_path,
+                                                                monkeypatch):
+    """A field whose values are 8 bytes long (or empty) is counted in int64 keys until a value
+    of another length arrives: the counts, prunes, error bound and vocabulary are those of the
+    byte table, and the positions written for pass 2 name each chunk's values."""
+    import pyarrow as pa
+
+    from hilomoe.data.convert import vocab
+    from hilomoe.data.convert.vocab import Encoder, FieldCounts, positions_file
+
+    monkeypatch.setattr(vocab, "MERGE_ENTRIES", 16)  # merges every few chunks
+    rng = np.random.default_rng(4)
+    ids = [b"%08x" % i for i in range(40)]
+    reports = []
+    for chunk in range(30):
+        pool = ids + [b""] + ([b"short", b"ninebytes"] if chunk >= 20 else [])  # bytes from 20
+        values = list(rng.choice(np.array(pool, dtype=object), 12, replace=False))
+        reports.append((pa.array(values, pa.binary()), rng.integers(1, 9, len(values))))
+    tables = []
+    for keyed in (True, False):
+        where = tmp_path / str(keyed)
+        where.mkdir()
+        counts = FieldCounts(0, max_vocab, str(where))
+        if not keyed:
+            counts._keyed = None  # bytes from the start, as for any other field
+        for chunk, (values, n) in enumerate(reports):
+            counts.add(chunk, values, n, None, len(values))
+            if chunk == 19:
+                assert (counts._keyed is not None) == keyed
+        values, n = counts.result()
+        assert counts._keyed is None  # the first value of another length: bytes
+        encoder = Encoder.from_counts(counts, 1, max_vocab)
+        tables.append((dict(zip(values.to_pylist(), n.tolist())), counts.error,
+                       counts.peak_entries, encoder.vocab.to_pylist()))
+        if counts.positional:  # no prune: every chunk's positions were written
+            for chunk, (v, _) in enumerate(reports):
+                at = np.fromfile(positions_file(where, chunk, 0), dtype=np.int32)
+                assert values.take(pa.array(at)).to_pylist() == v.to_pylist()
+    assert tables[0] == tables[1]
+    assert (tables[0][1] > 0) == (max_vocab is not None)
+
+
 def _distinct_csv(path: Path, rows: int) -> Path:
     """A CSV of `rows` rows whose two categorical columns hold a distinct value in every row
     (the worst case for a count table): label,a,b with a = "a<i>", b = "b<i * 7919 mod rows>"."""

@@ -23,7 +23,8 @@ import json
 import os
 import shutil
 import tempfile
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -43,6 +44,7 @@ from hilomoe.schema import FeatureSchema
 SPLITS = ("train", "valid", "test")
 META_FILE = "dataset.json"
 FORMAT_VERSION = 1
+MAX_IN_FLIGHT = 4  # tables queued in DatasetWriter (each also queued for the hash)
 
 
 class FieldInfo(BaseModel):
@@ -130,8 +132,9 @@ class DatasetWriter:
     _files: dict = field(default_factory=dict, init=False)
     _hash: "hashlib._Hash" = field(default_factory=hashlib.sha256, init=False)
     _closed: bool = field(default=False, init=False)
-    _pending: Future | None = field(default=None, init=False)
-    _pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1), init=False)
+    # work in flight, oldest first; one thread hashes (in write order), one per split writes
+    _pending: deque = field(default_factory=deque, init=False)
+    _pools: dict = field(default_factory=dict, init=False)
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
@@ -143,24 +146,32 @@ class DatasetWriter:
         for split in SPLITS:
             (self.tmp / split).mkdir()
             self._rows[split], self._files[split] = 0, []
+        for name in ("hash", *SPLITS):
+            self._pools[name] = ThreadPoolExecutor(1, thread_name_prefix=f"writer-{name}")
 
     def write(self, split: str, cat: np.ndarray, num: np.ndarray, label: np.ndarray) -> None:
-        """Queue rows for `split`; compression and disk writes run on a background thread
-        (pyarrow releases the GIL), so the caller can produce the next rows meanwhile."""
+        """Queue rows for `split`. The content hash (over the writes in call order) and each
+        split's encoding, compression and disk writes run on background threads of their own
+        (pyarrow and hashlib release the GIL), so the splits' files are written in parallel
+        while the caller produces the next rows. At most MAX_IN_FLIGHT tables wait or run:
+        bounded memory, and errors surface at the next call."""
         if len(label) == 0:
             return
         table = to_table(cat, num, label)
-        if self._pending is not None:
-            self._pending.result()  # at most one write in flight: bounded memory, errors surface
-        self._pending = self._pool.submit(self._write_table, split, table)
+        while len(self._pending) >= 2 * MAX_IN_FLIGHT:
+            self._pending.popleft().result()
+        self._pending.append(self._pools["hash"].submit(self._hash_table, split, table))
+        self._pending.append(self._pools[split].submit(self._write_table, split, table))
 
-    def _write_table(self, split: str, table: pa.Table) -> None:
+    def _hash_table(self, split: str, table: pa.Table) -> None:
         self._hash.update(split.encode())
         for col in table.columns:
             for chunk in col.chunks:
                 for buf in chunk.buffers():
                     if buf is not None:
                         self._hash.update(memoryview(buf))
+
+    def _write_table(self, split: str, table: pa.Table) -> None:
         offset = 0
         while offset < table.num_rows:
             writer, room = self._writer(split)
@@ -187,11 +198,12 @@ class DatasetWriter:
 
     def _drain(self) -> None:
         try:
-            if self._pending is not None:
-                self._pending.result()
+            while self._pending:
+                self._pending.popleft().result()
         finally:
-            self._pending = None
-            self._pool.shutdown(wait=True)
+            self._pending.clear()
+            for pool in self._pools.values():
+                pool.shutdown(wait=True)
 
     def close(self, meta: DatasetMeta) -> DatasetMeta:
         """Finish the shards, write dataset.json last, and move the directory into place."""

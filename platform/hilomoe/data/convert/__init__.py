@@ -37,10 +37,10 @@ is the same. Ray is also used, unasked, inside a Ray job or with RAY_ADDRESS set
 at hand) when the input spans more than one chunk (a one-chunk input gains nothing from it).
 The inputs must then be readable at the same paths on every node.
 
-Memory is bounded by the chunks in flight (threads + 1, at most MAX_THREADS threads) plus the
-count tables: one entry per distinct value without `max_vocab`; with it, fewer than 8 * max_vocab
+Memory is bounded by the chunks in flight (threads + 1, at most MAX_THREADS threads), the
+writer's queue (dataset.MAX_IN_FLIGHT tables) and the count tables: one entry per distinct value without `max_vocab`; with it, fewer than 8 * max_vocab
 entries plus one chunk's distinct values per field, whatever the input (vocab.py; the result's
-`count_table_peak_entries` reports the most each field held). ~500-600 MB peak for 1M or 2M
+`count_table_peak_entries` reports the most each field held). ~550-620 MB peak for 1M or 2M
 Criteo rows with 100k ids per field on 2 cores (`hilomoe bench convert`).
 """
 
@@ -58,8 +58,7 @@ import numpy as np
 
 from hilomoe.data.convert.chunks import CHUNK_BYTES, CHUNK_ROWS
 from hilomoe.data.convert.formats import Sizes, make_format
-from hilomoe.data.convert.pipeline import (Pass1Job, Pass2Job, Splitter, ThreadChunks, encode,
-                                           summarize)
+from hilomoe.data.convert.pipeline import Pass1Job, Pass2Job, Splitter, ThreadChunks
 from hilomoe.data.convert.text import ConvertError, Problems
 from hilomoe.data.convert.vocab import Encoder, FieldCounts, KeyCounts
 from hilomoe.memory import peak_rss_mb
@@ -177,7 +176,7 @@ def _pass1(fmt, chunks, runner, cache, problems: Problems, options: ConvertOptio
     chunk_rows = []
     next_line: dict[str, int] = {}  # per text file: the line number its next chunk starts at
     job = Pass1Job(fmt, counting, options.split == "time", cache)
-    for chunk, s in zip(chunks, runner.map(summarize, job, chunks)):
+    for chunk, s in zip(chunks, runner.pass1(job, chunks)):
         if chunk.kind == "text":  # problems as "file:line", counting the chunks before
             first = chunk.first_line or next_line[chunk.path]
             next_line[chunk.path] = first + s.positions
@@ -214,7 +213,7 @@ def _pass2(fmt, chunks, runner, cache, stats: Stats, writer: DatasetWriter,
                      np.concatenate([[0], np.cumsum(stats.chunk_rows)[:-1]]).tolist(),
                      stats.bounds)
     job = Pass2Job(fmt, stats.encoders, stats.mean, stats.std, cache, split)
-    for enc in runner.map(encode, job, chunks):
+    for enc in runner.pass2(job, chunks):
         for name, (cat, num, label) in zip(SPLITS, enc.splits):
             writer.write(name, cat, num, label)
 

@@ -88,18 +88,29 @@ def _log_square(v: np.ndarray) -> np.ndarray:
 
 def bucket_codes(v: np.ndarray) -> Codes:
     """The usual Criteo integer transform as codes: v > 2 -> floor(log(v)^2), else v, each
-    bucket named by its decimal text; NaN (missing) -> "". `v` holds finite integers (`numbers`)."""
+    bucket named by its decimal text; NaN (missing) -> "". `v` holds finite integers (`numbers`).
+    Codes number the buckets in increasing order (some may hold no row)."""
     lo, hi = np.fmin.reduce(v, initial=np.inf), np.fmax.reduce(v, initial=-np.inf)  # NaN-blind
     missing = np.isnan(v)
     if np.isfinite(lo) and np.isfinite(hi) and hi - lo < 1 << 16:
-        # a short range of integers (the usual case): transform each integer of the range
-        # once, make the buckets distinct, then one gather per row; slot hi - lo + 1: missing
+        # a short range of integers: transform each integer of the range once, make the
+        # buckets distinct, then one gather per row; slot hi - lo + 1: missing
         uniq, code = np.unique(_log_square(np.arange(lo, hi + 1)), return_inverse=True)
         code = np.append(code.astype(np.int32), len(uniq))
         indices = code[(np.where(missing, hi + 1, v) - lo).astype(np.int64)]
     else:
-        present = v[~missing]
-        uniq, inverse = np.unique(_log_square(present), return_inverse=True)
+        present = _log_square(v[~missing])
+        b_lo = int(present.min()) if len(present) else 0
+        b_hi = int(present.max()) if len(present) else -1
+        if b_hi - b_lo < 1 << 16:
+            # a short range of buckets (floor(log(v)^2) < 1,400 for any v; only v <= 2 maps
+            # to itself): the buckets held, marked in a table over the range; no sort
+            held = np.zeros(b_hi - b_lo + 1, dtype=bool)
+            held[present - b_lo] = True
+            uniq = np.flatnonzero(held) + b_lo
+            inverse = (np.cumsum(held, dtype=np.int32) - 1)[present - b_lo]
+        else:
+            uniq, inverse = np.unique(present, return_inverse=True)
         indices = np.full(len(v), len(uniq), dtype=np.int32)
         indices[~missing] = inverse
     values = pa.array([str(x) for x in uniq.tolist()] + [""], pa.string()).cast(pa.binary())

@@ -3,9 +3,10 @@
     summarize(job, chunk) -> Summary   pass 1: parse the chunk (formats.py), count its categorical
                                        values, sum its numerics, count its time keys; report its
                                        problems; keep the parsed block in the cache, if any
-    encode(job, chunk) -> Encoded      pass 2: the chunk's block (from the cache, or parsed
-                                       again) as ids and standardised numerics, divided into
-                                       its train, valid and test rows (Splitter)
+    summarize_keeping(job, chunk)      the same, returning the block too (Ray: object store)
+    encode(job, chunk[, block])        pass 2: the chunk's block (given, from the cache, or
+        -> Encoded                     parsed again) as ids and standardised numerics, divided
+                                       into its train, valid and test rows (Splitter)
 
 Both are plain functions of picklable arguments, so the same code runs on a thread pool
 (`ThreadChunks`, the single process) and in Ray tasks (ray_convert.py); the driver consumes
@@ -62,6 +63,19 @@ def summarize(job: Pass1Job, chunk: Chunk) -> Summary:
     block = job.fmt.parse(chunk)
     if job.cache is not None:
         write_block(Path(job.cache) / f"{chunk.index:06d}.arrow", block)
+    return summary_of(job, block)
+
+
+def summarize_keeping(job: Pass1Job, chunk: Chunk) -> tuple[Summary, Block]:
+    """summarize, and the parsed block itself (its problems left out) for pass 2: on Ray it
+    stays in the object store, which moves it to pass 2's node, so pass 2 need not parse the
+    text again (nor the nodes share a disk)."""
+    block = job.fmt.parse(chunk)
+    return summary_of(job, block), Block(block.cat, block.num, block.label, block.time,
+                                         block.positions, ChunkProblems())
+
+
+def summary_of(job: Pass1Job, block: Block) -> Summary:
     counts = [used_counts(c) for c in block.cat] if job.count_values else None
     # the same reductions, on the same (n, F_n) array, as the line-by-line converter's
     present = ~np.isnan(block.num)
@@ -127,23 +141,30 @@ class Encoded:
     splits: list[tuple[np.ndarray, np.ndarray, np.ndarray]]
 
 
-def encode(job: Pass2Job, chunk: Chunk) -> Encoded:
-    if job.cache is not None:
+def encode(job: Pass2Job, chunk: Chunk, block: Block | None = None) -> Encoded:
+    """Pass 2 of a chunk: its `block` as pass 1 kept it, else from the cache, else parsed
+    again."""
+    if block is not None:
+        pass
+    elif job.cache is not None:
         block = read_block(Path(job.cache) / f"{chunk.index:06d}.arrow")
     else:
         block = job.fmt.parse(chunk)
-    cat = np.empty((len(block), len(job.encoders)), dtype=np.int32)
+    # ids field by field into rows of (F_c, n), each written contiguously; the split's rows
+    # are then gathered from its transpose: 2x faster than writing (n, F_c)'s strided columns
+    cat_t = np.empty((len(job.encoders), len(block)), dtype=np.int32)
     for f, (enc, codes) in enumerate(zip(job.encoders, block.cat)):
         positions = None
         if job.cache is not None and enc.id_of is not None:
             positions = np.fromfile(positions_file(job.cache, chunk.index, f), dtype=np.int32)
-        cat[:, f] = enc(codes, positions)
+        cat_t[f] = enc(codes, positions)
     num = block.num
     if num.shape[1]:
         num = np.nan_to_num((num - job.mean) / job.std)
     num = num.astype(np.float32)
     which = job.split(chunk, len(block), block.time)
-    return Encoded([(cat[m], num[m], block.label[m]) for m in (which == c for c in range(3))])
+    rows = [np.flatnonzero(which == c) for c in range(3)]
+    return Encoded([(cat_t.T[r], num[r], block.label[r]) for r in rows])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -189,6 +210,12 @@ class ThreadChunks:
 
     def __init__(self, workers: int):
         self.workers = max(1, workers)
+
+    def pass1(self, job: Pass1Job, chunks: list[Chunk]) -> Iterator[Summary]:
+        return self.map(summarize, job, chunks)
+
+    def pass2(self, job: Pass2Job, chunks: list[Chunk]) -> Iterator[Encoded]:
+        return self.map(encode, job, chunks)
 
     def map(self, fn: Callable, job, chunks: Iterable[Chunk]) -> Iterator:
         chunks = list(chunks)

@@ -1,15 +1,20 @@
 """`hilomoe data convert --ray`: the chunks of both passes as Ray tasks.
 
     runner = RayChunks()                       # joins RAY_ADDRESS or starts a local Ray
-    for summary in runner.map(summarize, job, chunks): ...     # results in chunk order
+    for summary in runner.pass1(job, chunks): ...       # pass 1 results, in chunk order
+    for encoded in runner.pass2(job2, chunks): ...      # pass 2 results, in chunk order
 
 Plain Ray tasks rather than Ray Data: a chunk is already the unit of work (a byte range aligned
 to line starts, chunks.py), the work is one function call, and the driver must consume results in
 chunk order to merge counts and write deterministically; a task per chunk with a bounded window
 of tasks in flight is all that needs. Pass 1 tasks return their chunk's counts and sums (a few MB),
-which the driver merges; pass 2 tasks parse their chunk again and return its encoded rows, which
-the driver writes through DatasetWriter. Neither the chunking nor the order of writing depends on
-where a task ran, so the output, content hash included, is the single process's.
+which the driver merges, and, as a second return value, the chunk's parsed block, which the driver
+does not fetch: it stays in the object store (spilled to disk when the store is full), owned by
+the driver, until the chunk's pass 2 task takes it as its argument, so pass 2 neither parses the
+text again (half of pass 1's work) nor needs a disk the nodes share. Pass 2 tasks return the
+encoded rows, which the driver writes through DatasetWriter. Neither the chunking nor the order of
+writing depends on where a task ran, so the output, content hash included, is the single
+process's.
 
 Each task asks for one CPU; at most two tasks per cluster CPU are in flight, which keeps every
 CPU busy while the driver merges or writes and bounds the object store's use. Every node must see
@@ -21,12 +26,14 @@ from __future__ import annotations
 from typing import Callable, Iterable, Iterator
 
 from hilomoe.data.convert.chunks import Chunk
+from hilomoe.data.convert.pipeline import (Encoded, Pass1Job, Pass2Job, Summary, encode,
+                                           summarize_keeping)
 
 TASKS_PER_CPU = 2
 
 
 class RayChunks:
-    """Runs fn(job, chunk) as Ray tasks, yielding results in chunk order."""
+    """Runs both passes' chunks as Ray tasks, yielding results in chunk order."""
 
     ray = True
 
@@ -39,20 +46,43 @@ class RayChunks:
         self._ray = ray
         cpus = int(ray.cluster_resources().get("CPU", 1))
         self.window = max(2, TASKS_PER_CPU * cpus)
+        self._blocks: dict[int, object] = {}  # chunk index -> its parsed block's ObjectRef
 
-    def map(self, fn: Callable, job, chunks: Iterable[Chunk]) -> Iterator:
+    def pass1(self, job: Pass1Job, chunks: list[Chunk]) -> Iterator[Summary]:
+        for chunk, (summary, block) in zip(chunks, self.map(summarize_keeping, job, chunks,
+                                                            num_returns=2)):
+            self._blocks[chunk.index] = block
+            yield self._ray.get(summary)
+
+    def pass2(self, job: Pass2Job, chunks: list[Chunk]) -> Iterator[Encoded]:
+        # each block's reference is dropped once its task is submitted: the store frees it
+        # when the task is done
+        for refs in self.map(encode, job, chunks, blocks=self._blocks):
+            yield self._ray.get(refs)
+
+    def map(self, fn: Callable, job, chunks: Iterable[Chunk], num_returns: int = 1,
+            blocks: dict | None = None) -> Iterator:
+        """The ObjectRef(s) of fn(job, chunk[, block]) per chunk, in chunk order, each once
+        its task finished, with at most `window` tasks in flight."""
         ray = self._ray
-        task = ray.remote(num_cpus=1, max_retries=3)(fn)
+        task = ray.remote(num_cpus=1, max_retries=3, num_returns=num_returns)(fn)
         job_ref = ray.put(job)  # shipped to the object store once, not once per task
         chunks = list(chunks)
-        refs = [task.remote(job_ref, c) for c in chunks[:self.window]]
+
+        def submit(chunk: Chunk):
+            extra = () if blocks is None else (blocks.pop(chunk.index),)
+            return task.remote(job_ref, chunk, *extra)
+
+        refs = [submit(c) for c in chunks[:self.window]]
         for i in range(len(chunks)):
-            result = ray.get(refs[i])
-            refs[i] = None  # let the object store free it
+            ray.wait(refs[i] if num_returns > 1 else [refs[i]], num_returns=num_returns,
+                     fetch_local=False)
+            result, refs[i] = refs[i], None  # the driver holds only what it is consuming
             if i + self.window < len(chunks):
-                refs.append(task.remote(job_ref, chunks[i + self.window]))
+                refs.append(submit(chunks[i + self.window]))
             yield result
 
     def close(self) -> None:
+        self._blocks.clear()
         if self.started:
             self._ray.shutdown()

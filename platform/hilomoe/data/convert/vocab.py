@@ -11,6 +11,11 @@ of a chunk's values sits in the final table: with a `positions_dir`, those posit
 per chunk and field, and pass 2 encodes the chunk by two gathers (table position -> id, value ->
 position) instead of hashing its values again.
 
+Where every value is 8 bytes long or empty (Criteo's ids), the table is kept as int64 keys
+(_KeyTable): a merge looks the pending values up by binary search in a sorted copy of the keys,
+instead of hashing the whole table's bytes again, at the same points and with the same counts,
+prunes and positions' meaning; the first value of another length turns it back into bytes.
+
 Bounded memory (`max_vocab` = N). The vocabulary keeps the N most frequent values, so the table
 need not hold every value: when a merge leaves it with more than CAPACITY_FACTOR * N = 4N entries,
 the entries counted at most c times are dropped, c being the (2N + 1)-th largest count, so at most
@@ -79,6 +84,7 @@ class FieldCounts:
         self.positions_dir = positions_dir  # None once a prune has moved the table's entries
         self._pending: list[tuple] = []  # add()'s arguments
         self._pending_entries = 0
+        self._keyed: _KeyTable | None = _KeyTable()  # the table while every value fits a key
 
     @property
     def positional(self) -> bool:
@@ -91,7 +97,7 @@ class FieldCounts:
         `used` (None: all `num_values` of them; the others are held by no row)."""
         self._pending.append((chunk, values, counts, used, num_values))
         self._pending_entries += len(values)
-        due = max(len(self.values), MERGE_ENTRIES)
+        due = max(len(self.counts), MERGE_ENTRIES)  # the table's entries
         if self.capacity is not None:
             due = min(due, self.capacity)
         if self._pending_entries >= due:
@@ -101,6 +107,13 @@ class FieldCounts:
         if not self._pending:
             return
         pending, self._pending, self._pending_entries = self._pending, [], 0
+        if self._keyed is not None:
+            keys = [_keys_of(p[1]) for p in pending]
+            if all(k is not None for k in keys):
+                self._merge_keyed(pending, keys)
+                return
+            self.values = self._keyed.values()  # back to hashing bytes, positions unchanged
+            self._keyed = None
         values = pa.concat_arrays([self.values, *(p[1] for p in pending)])
         self.peak_entries = max(self.peak_entries, len(values))
         weights = np.concatenate([self.counts, *(p[2] for p in pending)])
@@ -119,18 +132,149 @@ class FieldCounts:
             self.positions_dir = None
         if self.positions_dir is not None:
             offset = len(weights) - sum(len(p[1]) for p in pending)
-            for chunk, v, _, used, num_values in pending:
-                at = positions[offset:offset + len(v)]
-                if used is not None:  # values no row holds: position -1, id 0
-                    at, full = np.full(num_values, -1, dtype=np.int32), at
-                    at[used] = full
-                at.tofile(positions_file(self.positions_dir, chunk, self.field))
-                offset += len(v)
+            self._write_positions(pending, [positions[offset + a:offset + b] for a, b in
+                                            _spans([len(p[1]) for p in pending])])
+
+    def _merge_keyed(self, pending: list[tuple], keys: list[tuple]) -> None:
+        """_merge on int64 keys (see _KeyTable): the same counts, prunes and error bound
+        (positions may be numbered in another order, which no id depends on)."""
+        table = self._keyed
+        self.peak_entries = max(self.peak_entries,
+                                len(table.counts) + sum(len(p[1]) for p in pending))
+        at = [table.add(k, empty, p[2]) for (k, empty), p in zip(keys, pending)]
+        self.counts = table.counts
+        if self.capacity is not None and len(self.counts) > self.capacity:
+            cut = int(np.partition(self.counts, len(self.counts) - self.keep - 1)[-self.keep - 1])
+            table.keep(np.flatnonzero(self.counts > cut))
+            self.counts = table.counts
+            self.error += cut
+            self.positions_dir = None
+        if self.positions_dir is not None:
+            self._write_positions(pending, at)
+
+    def _write_positions(self, pending: list[tuple], at: list[np.ndarray]) -> None:
+        """Each pending chunk's table positions of its values, for pass 2."""
+        for (chunk, v, _, used, num_values), pos in zip(pending, at):
+            pos = pos.astype(np.int32, copy=False)
+            if used is not None:  # values no row holds: position -1, id 0
+                pos, full = np.full(num_values, -1, dtype=np.int32), pos
+                pos[used] = full
+            pos.tofile(positions_file(self.positions_dir, chunk, self.field))
 
     def result(self) -> tuple[pa.Array, np.ndarray]:
         """All values (in table order: position i is values[i]) and their counts."""
         self._merge()
+        if self._keyed is not None:
+            self.values = self._keyed.values()
         return self.values, self.counts
+
+
+def _spans(lengths: list[int]) -> list[tuple[int, int]]:
+    ends = np.cumsum([0, *lengths]).tolist()
+    return list(zip(ends[:-1], ends[1:]))
+
+
+def _keys_of(values: pa.Array) -> tuple[np.ndarray, int] | None:
+    """Distinct binary values as (int64 keys of the 8-byte values, in order, index of the
+    empty value or -1), or None if some value is neither 8 bytes long nor empty."""
+    n = len(values)
+    _, offsets, data = values.buffers()[:3]
+    if values.null_count or offsets is None:
+        return None
+    off = np.frombuffer(offsets, dtype=np.int32, count=n + 1, offset=4 * values.offset)
+    lengths = np.diff(off)
+    empty = np.flatnonzero(lengths == 0)
+    if len(empty) > 1 or n - len(empty) != (off[-1] - off[0]) // 8 or \
+            np.count_nonzero(lengths == 8) != n - len(empty):
+        return None
+    raw = np.frombuffer(data, dtype=np.uint8, count=int(off[-1] - off[0]), offset=int(off[0])) \
+        if n and data is not None else np.zeros(0, np.uint8)
+    keys = raw.view(np.int64) if raw.ctypes.data % 8 == 0 else raw.copy().view(np.int64)
+    return keys, int(empty[0]) if len(empty) else -1
+
+
+def _merged(a: np.ndarray, b: np.ndarray, slots: np.ndarray, old: np.ndarray) -> np.ndarray:
+    """a's and b's values in one array: b's at `slots`, a's where `old` is True."""
+    out = np.empty(len(a) + len(b), dtype=a.dtype)
+    out[slots] = b
+    out[old] = a
+    return out
+
+
+class _KeyTable:
+    """A count table whose values are 8-byte strings (as int64 keys) and at most one empty
+    value: Criteo's ids. Merging looks keys up by binary search in a sorted copy instead of
+    hashing the whole table again (~10x faster than `dictionary_encode` of the bytes); a new
+    value takes the next position, as in FieldCounts' byte table, so the two agree.
+
+    keys    (n,) int64 the key at each position (0 at the empty value's)
+    counts  (n,) int64
+    empty   the empty value's position, or -1
+    """
+
+    def __init__(self) -> None:
+        self.keys = np.zeros(0, dtype=np.int64)
+        self.counts = np.zeros(0, dtype=np.int64)
+        self.empty = -1
+        self._sorted = np.zeros(0, dtype=np.int64)  # the keys but the empty value's, sorted
+        self._order = np.zeros(0, dtype=np.int64)  # their positions
+
+    def add(self, keys: np.ndarray, empty: int, counts: np.ndarray) -> np.ndarray:
+        """Add distinct values (keys of the non-empty ones, the empty one's index in the
+        values or -1) and their counts; returns each value's position."""
+        n = len(keys) + (empty >= 0)
+        pos = np.empty(n, dtype=np.int64)
+        full = np.ones(n, dtype=bool)
+        if empty >= 0:
+            full[empty] = False
+            if self.empty < 0:
+                self.empty = len(self.keys)
+                self.keys = np.append(self.keys, 0)
+                self.counts = np.append(self.counts, 0)
+            pos[empty] = self.empty
+        order = np.argsort(keys)  # sorted needles: the binary searches walk the table once
+        keys = keys[order]
+        at = np.searchsorted(self._sorted, keys)
+        found = at < len(self._sorted)
+        found[found] = self._sorted[at[found]] == keys[found]
+        where = np.empty(len(keys), dtype=np.int64)
+        where[found] = self._order[at[found]]
+        new = keys[~found]  # sorted
+        new_pos = np.arange(len(self.keys), len(self.keys) + len(new))
+        where[~found] = new_pos
+        pos[np.flatnonzero(full)[order]] = where
+        self.keys = np.concatenate([self.keys, new])
+        self.counts = np.concatenate([self.counts, np.zeros(len(new), dtype=np.int64)])
+        self.counts[pos] += counts  # positions are distinct: values are
+        if len(new):  # merge two sorted runs (np.insert would sort the indices again)
+            slots = at[~found] + np.arange(len(new))  # where the new keys land
+            old = np.ones(len(self._sorted) + len(new), dtype=bool)
+            old[slots] = False
+            self._sorted, self._order = _merged(self._sorted, new, slots, old), \
+                _merged(self._order, new_pos, slots, old)
+        return pos
+
+    def keep(self, kept: np.ndarray) -> None:
+        """Only the positions `kept` (ascending) remain, renumbered in order."""
+        empty_kept = self.empty >= 0 and bool(np.isin(self.empty, kept))
+        self.empty = int(np.searchsorted(kept, self.empty)) if empty_kept else -1
+        self.keys, self.counts = self.keys[kept], self.counts[kept]
+        full = np.ones(len(kept), dtype=bool)
+        if self.empty >= 0:
+            full[self.empty] = False
+        positions = np.flatnonzero(full)
+        order = np.argsort(self.keys[positions], kind="stable")
+        self._sorted, self._order = self.keys[positions][order], positions[order]
+
+    def values(self) -> pa.Array:
+        """The table's values as binary, in position order."""
+        lengths = np.full(len(self.keys), 8, dtype=np.int32)
+        if self.empty >= 0:
+            lengths[self.empty] = 0
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+        data = np.delete(self.keys, self.empty) if self.empty >= 0 else self.keys
+        return pa.Array.from_buffers(pa.binary(), len(self.keys),
+                                     [None, pa.py_buffer(offsets), pa.py_buffer(data.tobytes())])
 
 
 class KeyCounts:
@@ -166,6 +310,17 @@ def vocabulary(values: pa.Array, counts: np.ndarray, min_count: int,
                max_vocab: int | None) -> np.ndarray:
     """Table positions of the vocabulary in id order (id = index + 1): count >= min_count (and
     >= 1), not missing, by decreasing count then value; at most max_vocab of them."""
+    keyed = _keys_of(values)
+    if keyed is not None:  # 8-byte values: sorted as big-endian integers, ~3x faster
+        keys, empty = keyed
+        full = np.ones(len(values), dtype=bool)
+        if empty >= 0:
+            full[empty] = False
+        order_key = np.zeros(len(values), dtype=np.uint64)
+        order_key[full] = keys.byteswap().view(np.uint64)  # byte order = big-endian order
+        pos = np.flatnonzero(full & (counts >= max(min_count, 1)))
+        pos = pos[np.lexsort((order_key[pos], -counts[pos]))]
+        return pos if max_vocab is None else pos[:max_vocab]
     table = pa.table({"v": values, "c": counts, "p": np.arange(len(values), dtype=np.int64)})
     keep = pc.and_(pc.greater_equal(table["c"], max(min_count, 1)),
                    pc.not_equal(table["v"], b""))
