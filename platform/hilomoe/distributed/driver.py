@@ -1,4 +1,4 @@
-"""The driver of `hilomoe train`: Ray connection, dataset, worker plan, TorchTrainer, results.
+"""The driver of `hilomoe train`: the run directory, the worker plan, the trainer, the results.
 
     run = TrainRun.create(cfg, out_dir="runs/example")          # or TrainRun.load(dir) to resume
     summary = train_ray(run, on_event=print)
@@ -11,9 +11,7 @@ run directory holds `run.json` (config, Ray run name, storage), Ray's checkpoint
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -21,66 +19,16 @@ from pathlib import Path
 from typing import Callable
 
 from hilomoe import jsonio
-from hilomoe.config import TrainConfig, parse_config
-from hilomoe.data.dataset import META_FILE, check_unchanged, open_dataset
-from hilomoe.errors import DatasetError, HilomoeError, hilomoe_cause, out_of_memory
-from hilomoe.train.resources import WorkerPlan, plan_workers
+from hilomoe.config import TrainConfig, TypedView
+from hilomoe.data.dataset import check_unchanged, open_dataset
+from hilomoe.distributed.reporter import read_checkpoint
+from hilomoe.distributed.resources import WorkerPlan, plan_workers
+from hilomoe.distributed.runtime import connect_ray, dataset_path
+from hilomoe.distributed.trainer import make_trainer
 from hilomoe.engine.loop import stage_weights
-from hilomoe.train.worker import WorkerJob, read_checkpoint, train_loop
+from hilomoe.errors import HilomoeError, hilomoe_cause, out_of_memory
 
 RUN_FILE = "run.json"
-
-# Ray's own console output (progress bars, INFO lines, print patching) is replaced by ours.
-QUIET_RAY_ENV = {
-    "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
-    "RAY_DATA_LOG_LEVEL": "WARNING",
-    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
-    "RAY_DEDUP_LOGS": "0",
-}
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("HILOMOE_CACHE", Path.home() / ".cache" / "hilomoe"))
-
-
-def runs_dir(name: str) -> Path:
-    """Where a run or study goes without --out: `runs/<name>` under $HILOMOE_HOME, else under
-    the working directory. Inside a `ray job submit` entrypoint that directory belongs to Ray,
-    which may replace it while the job runs (a study then dies mid-way), so ask for a place."""
-    home = os.environ.get("HILOMOE_HOME")
-    if home:
-        return Path(home) / "runs" / name
-    if "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:  # set by Ray's job supervisor
-        raise HilomoeError(f"inside a Ray job the working directory belongs to Ray and may be "
-                           f"replaced: give --out on a shared volume (for example --out "
-                           f"/mnt/shared/runs/{name}), or set HILOMOE_HOME.")
-    return Path("runs") / name
-
-
-def synth_dataset(cfg: TrainConfig) -> Path:
-    """The config's planted problem as a canonical dataset, written once per spec (cached)."""
-    from hilomoe.data.synth import write_synth
-
-    spec = cfg.data.synth
-    key = hashlib.sha256(spec.model_dump_json().encode()).hexdigest()[:16]
-    path = cache_dir() / "datasets" / f"synth-{key}"
-    if not (path / META_FILE).exists():
-        # written aside and renamed; a job that finishes second keeps the first one's dataset
-        # (which other jobs may already be reading) and drops its own
-        write_synth(spec, path, keep_existing=True)
-        if not (path / META_FILE).exists():
-            raise DatasetError(f"{path}: exists but holds no {META_FILE} (not a dataset "
-                               f"hilomoe wrote); remove it and run again.")
-    return path
-
-
-def dataset_path(cfg: TrainConfig) -> Path:
-    """The dataset a distributed run streams; checked here, before Ray starts."""
-    if cfg.data.path:
-        path = Path(cfg.data.path).resolve()
-        open_dataset(path, training=True)  # raises DatasetError naming the problem
-        return path
-    return synth_dataset(cfg)
 
 
 @dataclass
@@ -93,6 +41,8 @@ class TrainRun:
     name: str  # the Ray Train run name under `storage`
     storage: str  # directory or URI
     dataset_hash: str = ""  # Dataset.fingerprint() when the run started: resume pins it
+
+    cfg = TypedView("config", lambda run: str(Path(run.out_dir) / RUN_FILE))
 
     @classmethod
     def create(cls, cfg: TrainConfig, out_dir: str | Path) -> TrainRun:
@@ -119,58 +69,6 @@ class TrainRun:
         open_dataset(run.dataset)
         check_unchanged(run.dataset, run.dataset_hash, f"the run in {out_dir}")
         return run
-
-    @property
-    def cfg(self) -> TrainConfig:
-        return parse_config(self.config, str(Path(self.out_dir) / RUN_FILE))
-
-
-def connect_ray() -> bool:
-    """Join RAY_ADDRESS (or the cluster of a `ray job submit`), else start a local Ray sized to
-    the machine. Returns True when this call started Ray (and so should stop it)."""
-    address = os.environ.get("RAY_ADDRESS")
-    for key, value in QUIET_RAY_ENV.items():
-        os.environ.setdefault(key, value)
-    if not address:  # read when Ray is first imported: keeps a local Ray on 127.0.0.1
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        # Ray Data's tasks, the workers and the controller start more processes than a small
-        # machine has cores, which Ray reports as a warning on every run
-        os.environ.setdefault("RAY_worker_maximum_startup_concurrency", "16")
-        # a local Ray has no dashboard to show metrics and no preemption to watch for; both
-        # poll in the background and take CPU from training on a small machine
-        os.environ.setdefault("RAY_TRAIN_METRICS_ENABLED", "0")
-        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-    import ray
-
-    if ray.is_initialized():
-        return False
-    try:
-        if address:
-            _check_reachable(address)
-            ray.init(address=address, log_to_driver=False, logging_level="ERROR")
-        else:
-            ray.init(address="local", include_dashboard=False, log_to_driver=False,
-                     logging_level="ERROR")
-    except (ConnectionError, RuntimeError, ValueError) as err:
-        raise HilomoeError(
-            f"cannot reach a Ray cluster at RAY_ADDRESS={address!r} "
-            f"({str(err).splitlines()[0]}); start one with `ray start --head`, fix RAY_ADDRESS, "
-            f"or unset it to use a local Ray.") from None
-    return True
-
-
-def _check_reachable(address: str) -> None:
-    """A GCS address (host:port) that refuses connections fails here in a moment; Ray itself
-    retries for a minute or more before it says so."""
-    import socket
-
-    host, _, port = address.rpartition(":")
-    if "://" in address or not port.isdigit() or not host:
-        return  # "auto", ray://..., or a form Ray resolves itself
-    try:
-        socket.create_connection((host, int(port)), timeout=5).close()
-    except OSError as err:
-        raise ConnectionError(f"nothing answers at {host}:{port} ({err.strerror or err})") from None
 
 
 class _Progress:
@@ -207,69 +105,6 @@ class _Progress:
             ray.kill(self.queue.actor)
 
 
-def _shard_config(workers: int):
-    """Train splits equally (every DDP rank must take the same number of steps); evaluation
-    splits keep every row (exact metrics over the whole split). One worker reads in order, so a
-    seeded single-worker run is bit-reproducible."""
-    from ray.data import ExecutionOptions
-    from ray.train import DataConfig
-
-    class ShardConfig(DataConfig):
-        def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
-            out = [{} for _ in range(world_size)]
-            hints = worker_node_ids if self._enable_shard_locality else None
-            for name, ds in datasets.items():
-                ds = ds.copy(ds)
-                ds.context.execution_options = self._resolve_execution_options(name)
-                parts = ds.streaming_split(world_size, equal=name == "train", locality_hints=hints)
-                for i, part in enumerate(parts):
-                    out[i][name] = part
-            return out
-
-    return ShardConfig(execution_options=ExecutionOptions(preserve_order=workers == 1),
-                       enable_shard_locality=False)
-
-
-def ray_datasets(cfg: TrainConfig, dataset, plan: WorkerPlan) -> dict:
-    """The TorchTrainer's Ray Data inputs (none when workers read the files themselves)."""
-    if cfg.ray.reader == "parquet":
-        return {}
-    from hilomoe.data.ray_data import open_ray_split
-
-    return {"datasets": {split: open_ray_split(dataset, split, shuffle_files=split == "train",
-                                               seed=cfg.seed)
-                         for split in ("train", "valid", "test")},
-            "dataset_config": _shard_config(plan.workers)}
-
-
-def make_trainer(cfg: TrainConfig, job: WorkerJob, dataset, plan: WorkerPlan, name: str,
-                 storage: str, callbacks: list | None = None):
-    """The TorchTrainer of a run (`hilomoe train`, or a study trial with several workers):
-    `plan.workers` workers running `train_loop` on `job`, keeping the best checkpoints,
-    restarting after worker failures, reading Ray Data shards unless workers read the files."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    return TorchTrainer(
-        train_loop,
-        train_loop_config=job.as_dict(),
-        scaling_config=ScalingConfig(num_workers=plan.workers, use_gpu=cfg.ray.gpu,
-                                     resources_per_worker=plan.resources()),
-        run_config=RunConfig(
-            name=name, storage_path=storage,
-            checkpoint_config=CheckpointConfig(
-                num_to_keep=cfg.ray.keep_checkpoints, checkpoint_score_attribute="score",
-                checkpoint_score_order="max"),
-            failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
-            callbacks=callbacks or [],
-            # Ray pins OMP_NUM_THREADS to a worker's whole CPUs (1 for a fractional CPU),
-            # which set_num_threads alone does not undo
-            worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": str(plan.torch_threads)}},
-        ),
-        **ray_datasets(cfg, dataset, plan),
-    )
-
-
 def _failure_message(err: Exception, run: TrainRun) -> str:
     failures = getattr(err, "worker_failures", None) or {}
     cause = next(iter(failures.values()), None) or err.__cause__ or err
@@ -297,9 +132,8 @@ def train_ray(run: TrainRun, on_event: Callable[[dict], None] | None = None) -> 
             on_event({"kind": "start", "plan": plan.as_dict(), "out_dir": run.out_dir,
                       "dataset": run.dataset})
         progress = _Progress(on_event)
-        job = WorkerJob(config=run.config, dataset=run.dataset, plan=plan.as_dict(),
-                        run_dir=run.out_dir, progress=progress.queue)
-        trainer = make_trainer(cfg, job, dataset, plan, name=run.name, storage=run.storage)
+        trainer = make_trainer(cfg, dataset, plan, name=run.name, storage=run.storage,
+                               run_dir=run.out_dir, progress=progress.queue)
         try:
             result = trainer.fit()
         except ray.train.TrainingFailedError as err:

@@ -17,10 +17,10 @@ from typing import Any, Callable
 from ray.tune import Callback
 
 from hilomoe import jsonio
-from hilomoe.study.driver import EVENTS_FILE, RUNS_FILE, StudyRun
-from hilomoe.study.records import save_record, trial_record, write_json
 from hilomoe.study.design import DESIGN_AXIS
 from hilomoe.study.diagnostics import flat
+from hilomoe.study.records import save_record, trial_record, write_json
+from hilomoe.study.run_dir import EVENTS_FILE, RUNS_FILE, StudyRun
 from hilomoe.study.space import REPEAT_OF, SearchSpace
 
 EPOCH_PREFIXES = ("train_", "valid_")

@@ -26,11 +26,8 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from hilomoe.config import ConfigError, Strict, TrainConfig
+from hilomoe.study.keys import DESIGN_AXIS, FIXED, config_key
 from hilomoe.study.pareto import best, usable
-
-# what a fixed point's Tune config and a record call the axis (space.DESIGN_AXIS; the space
-# module imports the study file's types, which import this one)
-DESIGN_AXIS = "design_axis"
 
 Axis = Literal["experts", "levels", "rank", "mlp_width", "train_size"]
 MIN_VALUES = 6  # distinct values per axis: a law and its held-out check (scaling.py)
@@ -107,8 +104,6 @@ def design_center(records: list[dict]) -> dict | None:
 
 def design_points(design: LawDesign, fixed: TrainConfig, records: list[dict]) -> list[dict]:
     """Tune points for every grid point not trained yet, axis by axis."""
-    from hilomoe.study.space import FIXED, config_key
-
     center = design_center(records)
     if center is None or not design.axes:
         return []

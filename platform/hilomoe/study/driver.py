@@ -17,75 +17,31 @@ a tracking server that goes away costs buffered metrics, not trials.
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import os
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
 from hilomoe import jsonio
 from hilomoe.errors import HilomoeError
-from hilomoe.study.space import SearchSpace
-from hilomoe.study.spec import StudySpec, parse_study
-from hilomoe.study.records import best_record, load_records, write_json
 from hilomoe.study.design import design_points
-from hilomoe.study.trial import TRIAL_CPU, TrialContext, run_trial
+from hilomoe.study.records import best_record, load_records, write_json
+from hilomoe.study.run_dir import EVENTS_FILE, PHASE_DIRS, RESULT_FILE, STUDY_FILE, StudyRun
+from hilomoe.study.space import SearchSpace
+from hilomoe.study.spec import StudySpec
+from hilomoe.study.trial import TRIAL_CPU, run_trial
 from hilomoe.study.verdict import MODEL, repeat_points, search_records
 
-RUNS_FILE = "mlflow_runs.json"  # trial id -> MLflow child run (kept by the study's callback)
-EVENTS_FILE = "events.jsonl"  # trial starts, epochs, ends, recoveries and warnings, timed
-
-STUDY_FILE = "study.json"
-TUNE_DIR = "tune"
-# each phase's Tuner: the search, then the law designs (study/design.py), then the repeats
-# behind the verdict (study/verdict.py)
-PHASE_DIRS = {"search": TUNE_DIR, "design": "tune_design", "repeats": "tune_repeats"}
-RESULT_FILE = "result.json"
-
-
-@dataclass
-class StudyRun:
-    """A study directory's identity: what is searched, on which data, tracked where."""
-
-    study_dir: str
-    spec: dict  # StudySpec, JSON form
-    dataset: str
-    experiment: str  # MLflow experiment
-    tracking_uri: str
-    parent_run_id: str | None = None
-    cache_dir: str | None = None
-    dataset_hash: str = ""  # Dataset.fingerprint() when the study started: resume pins it
-
-    @functools.cached_property
-    def study(self) -> StudySpec:
-        """Validated once (every corner of the space), however often it is asked for."""
-        return parse_study(self.spec, str(Path(self.study_dir) / STUDY_FILE))
-
-    def save(self) -> None:
-        write_json(Path(self.study_dir) / STUDY_FILE, asdict(self))
-
-    @classmethod
-    def load(cls, study_dir: str | Path) -> StudyRun:
-        path = Path(study_dir) / STUDY_FILE
-        if not path.is_file():
-            raise HilomoeError(f"{study_dir}: not a study directory (no {STUDY_FILE}); --resume "
-                               f"continues a study started with the same --out.")
-        return cls(**json.loads(path.read_text()))
-
-    def context(self) -> TrialContext:
-        budget = self.study.budget
-        return TrialContext(self.spec, self.dataset, self.study_dir, self.cache_dir,
-                            threads=max(1, int(budget.cpus_per_trial)))
-
+# StudyRun and STUDY_FILE are also imported from here (`hilomoe study recommend`)
+__all__ = ["STUDY_FILE", "StudyRun", "run_study"]
 
 def _open_run(spec: StudySpec, study_dir: Path, resume: bool, cache: bool) -> StudyRun:
     from hilomoe.data.dataset import check_unchanged, open_dataset
     from hilomoe.study.tracking import tracking_uri
-    from hilomoe.train.driver import cache_dir, dataset_path
+    from hilomoe.distributed.runtime import cache_dir, dataset_path
 
     if resume:
         run = StudyRun.load(study_dir)
@@ -184,7 +140,7 @@ def _check_fits(spec: StudySpec, cluster: dict, fixed: bool,
         warn(f"budget: {need} do not fit the cluster as it is now ({cpus:g} CPU, {gpus:g} "
              f"GPU); trials wait until the autoscaler adds nodes.")
     if b.workers_per_trial > 1:
-        from hilomoe.train.resources import plan_workers
+        from hilomoe.distributed.resources import plan_workers
 
         plan_workers(spec.train.ray.model_copy(update={"workers": b.workers_per_trial,
                                                        "gpu": b.gpus_per_trial > 0}),
@@ -261,7 +217,7 @@ def _warner(console: Callable[[dict], None] | None, study_dir: str) -> Callable[
 def _drive(run: StudyRun, resume: bool, console: Callable[[dict], None] | None,
            t0: float, plan: dict, register: str | None = None) -> dict:
     from hilomoe.study.tracking import Tracker
-    from hilomoe.train.driver import connect_ray
+    from hilomoe.distributed.runtime import connect_ray
 
     spec, warn = run.study, _warner(console, run.study_dir)
     tracker = Tracker(run.experiment, run.tracking_uri, on_warning=warn)

@@ -545,7 +545,7 @@ def saved_cost(study_dir: str | Path) -> dict | None:
     """The planned-against-actual entry a finished study saved in its summary, if any."""
     import json
 
-    from hilomoe.study.driver import RESULT_FILE
+    from hilomoe.study.run_dir import RESULT_FILE
 
     path = Path(study_dir) / RESULT_FILE
     return json.loads(path.read_text()).get("plan") if path.is_file() else None

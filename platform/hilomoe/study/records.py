@@ -26,7 +26,6 @@ from hilomoe import jsonio
 from hilomoe.atomic import write_atomic
 from hilomoe.study.diagnostics import diagnostics
 from hilomoe.study.spec import StudySpec
-from hilomoe.study.trial import trial_cost
 
 TRIALS_DIR = "trials"
 
@@ -40,6 +39,8 @@ def trial_record(trial_id: str, params: dict, cfg, schema, results: list[dict], 
     final = bool(last.get("final"))
     if status == "done":
         status = "completed" if final else "pruned"
+    from hilomoe.model.flops import trial_cost  # here: reading records needs no torch
+
     moe = cfg.model.moe
     return {
         "trial_id": trial_id, "status": status, "params": params, "seed": cfg.seed,

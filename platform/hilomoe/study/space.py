@@ -19,21 +19,18 @@ because Optuna's categorical distribution takes only scalars, and `overrides` ma
 
 from __future__ import annotations
 
-import hashlib
-import json
 from typing import Any, Iterator
 
 from hilomoe.config import ConfigError, TrainConfig
+from hilomoe.study.keys import FIXED, REPEAT_OF, config_key
 from hilomoe.study.spec import Domain, StudySpec
+
+__all__ = ["FIXED", "REPEAT_OF", "SearchSpace", "config_key"]  # the keys: study/keys.py
 
 SCALARS = (bool, int, float, str, type(None))
 # settings that decide whether others apply, drawn before the rest (in this order)
 GATES = ("model.moe.variant", "model.moe.levels", "stages.base.enabled",
          "stages.experts.enabled", "stages.joint.enabled")
-# A fixed point (a repeat, a law design's grid point) holds its settings already resolved
-# under FIXED, and says what it is for under REPEAT_OF (`study/verdict.py`) or
-# `design.DESIGN_AXIS`.
-FIXED, REPEAT_OF = "settings", "repeat_of"
 # `points()` lists a discrete space up to this many points (and an int range up to this many
 # values); a larger or continuous space is drawn without a count
 MAX_POINTS = 100_000
@@ -59,16 +56,6 @@ def _values(domain: Domain) -> list[Any] | None:
 def _gate(key: str) -> int | None:
     """The position in GATES of the first gate `key` sets (itself, or inside its mapping)."""
     return next((i for i, g in enumerate(GATES) if g == key or g.startswith(key + ".")), None)
-
-
-def config_key(cfg: TrainConfig) -> str:
-    """Equal for configurations that train the same model: the effective configuration, less
-    where the data lives and how Ray runs it (the shuffle buffer aside, which orders samples)."""
-    raw = cfg.effective().model_dump(mode="json")
-    shuffle = raw.pop("ray")["shuffle_buffer"]
-    raw["data"].pop("path")
-    return hashlib.sha256(json.dumps({"config": raw, "shuffle_buffer": shuffle},
-                                     sort_keys=True).encode()).hexdigest()[:24]
 
 
 class SearchSpace:
