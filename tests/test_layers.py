@@ -228,3 +228,31 @@ def test_the_fault_hook_is_read_from_the_environment_and_checked(monkeypatch):
     monkeypatch.setenv(FAULT_ENV, '{"stage": "nowhere"}')
     with pytest.raises(HilomoeError, match=FAULT_ENV):
         fault_injection(2)
+
+
+# ----------------------------------------------------------------------------------------------
+# runtime settings: one section, honoured by every path
+
+
+def test_precision_and_compile_are_one_runtime_section_that_old_files_still_reach():
+    from hilomoe.config import ConfigError, parse_config
+
+    old = parse_config({"ray": {"precision": "bf16", "compile": True, "workers": 2}})
+    new = parse_config({"runtime": {"precision": "bf16", "compile": True},
+                        "ray": {"workers": 2}})
+    assert old == new and old.runtime.precision == "bf16" and old.runtime.compile
+    assert "precision" not in old.model_dump()["ray"]
+    assert old.with_overrides(**{"ray.precision": "fp32"}).runtime.precision == "fp32"
+    with pytest.raises(ConfigError, match="ray.precision .* and runtime.precision .* disagree"):
+        parse_config({"ray": {"precision": "bf16"}, "runtime": {"precision": "fp32"}})
+    with pytest.raises(ConfigError, match="ray.fail_at: unknown key"):  # a test hook, not a setting
+        parse_config({"ray": {"fail_at": {"stage": "joint"}}})
+
+
+def test_an_in_process_session_compiles_as_the_runtime_section_asks():
+    """`--local` and a one-worker trial build their Parallel from the configuration."""
+    from hilomoe.config import parse_config
+    from hilomoe.engine.parallel import Parallel
+
+    assert Parallel.single(parse_config({"runtime": {"compile": True}})).compile
+    assert not Parallel.single(parse_config({})).compile
