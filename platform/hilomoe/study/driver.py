@@ -29,7 +29,8 @@ from hilomoe import jsonio
 from hilomoe.errors import HilomoeError
 from hilomoe.study.design import design_points
 from hilomoe.study.records import best_record, load_records, write_json
-from hilomoe.study.run_dir import EVENTS_FILE, PHASE_DIRS, RESULT_FILE, STUDY_FILE, StudyRun
+from hilomoe.study.run_dir import (EVENTS_FILE, PHASE_DIRS, RESULT_FILE, STUDY_FILE, StudyRun,
+                                   read_events)
 from hilomoe.study.space import SearchSpace
 from hilomoe.study.spec import StudySpec
 from hilomoe.study.trial import TRIAL_CPU, run_trial
@@ -292,7 +293,7 @@ def _conclude(run: StudyRun, tracker, wall_s: float, plan: dict,
     everything = load_records(study_dir)
     # the plan's own calibration is not part of what it predicts
     cost = compare(plan, wall_s - plan["calibration"]["seconds"], everything,
-                   _events(study_dir))
+                   read_events(study_dir))
     records = search_records(everything)  # the repeats only feed the headline
     # a trial a killed driver had started after Tune's last snapshot is gone for good (Tune
     # sampled another in its place): its MLflow run ends as KILLED, not RUNNING forever
@@ -304,9 +305,31 @@ def _conclude(run: StudyRun, tracker, wall_s: float, plan: dict,
     best = best_record(spec, records)
     if best is not None and best.get("checkpoint"):
         _log_best_model(run, tracker, best, register)
+    summary = _summary(run, best, report, cost, everything, records, wall_s)
+    summary["mlflow_url"] = tracker.view_url(ui_base(run.tracking_uri))
+    counts = summary["counts"]
+    tracker.log_study_metrics({"best_valid_auc": best["valid_auc"] if best else float("nan"),
+                               "trials_completed": counts["completed"],
+                               "trials_pruned": counts["pruned"],
+                               "trials_failed": counts["failed"],
+                               "stage1_reused": summary["stage1_reused"],
+                               "stage1_saved_s": summary["stage1_saved_s"]})
+    tracker.log_study_artifacts(study_dir / "report")
+    summary["mlflow_complete"] = tracker.finish_study("FINISHED")
+    if run.parent_run_id is None and tracker.parent_run_id:  # created once MLflow came back
+        run.parent_run_id = summary["mlflow_run_id"] = tracker.parent_run_id
+        run.save()
+    write_json(study_dir / RESULT_FILE, summary)
+    return summary
+
+
+def _summary(run: StudyRun, best: dict | None, report, cost: dict, everything: list[dict],
+             records: list[dict], wall_s: float) -> dict:
+    """The study's result: the best trial, the headline and laws, what it cost and saved, and
+    where it is (the MLflow view's address aside, which the tracker knows)."""
     reused = [r for r in records if r["stage1_reused"]]
     counts = {s: sum(r["status"] == s for r in records) for s in ("completed", "pruned", "failed")}
-    summary = {
+    return {
         "best": None if best is None else {
             "trial_id": best["trial_id"], "params": best["params"],
             "config": run.context().config_from(best["params"]).model_dump(mode="json"),
@@ -326,26 +349,12 @@ def _conclude(run: StudyRun, tracker, wall_s: float, plan: dict,
         "trials_saved_s": sum(r.get("trial_saved_s", 0.0) for r in records),
         "train_s": sum(r["train_seconds"] or 0.0 for r in everything),
         "wall_s": wall_s,
-        "study_dir": str(study_dir),
+        "study_dir": str(Path(run.study_dir)),
         "report": str(report.markdown),
         "mlflow_experiment": run.experiment,
         "mlflow_run_id": run.parent_run_id,
         "tracking_uri": run.tracking_uri,
-        "mlflow_url": tracker.view_url(ui_base(run.tracking_uri)),
     }
-    tracker.log_study_metrics({"best_valid_auc": best["valid_auc"] if best else float("nan"),
-                               "trials_completed": counts["completed"],
-                               "trials_pruned": counts["pruned"],
-                               "trials_failed": counts["failed"],
-                               "stage1_reused": len(reused),
-                               "stage1_saved_s": summary["stage1_saved_s"]})
-    tracker.log_study_artifacts(study_dir / "report")
-    summary["mlflow_complete"] = tracker.finish_study("FINISHED")
-    if run.parent_run_id is None and tracker.parent_run_id:  # created once MLflow came back
-        run.parent_run_id = summary["mlflow_run_id"] = tracker.parent_run_id
-        run.save()
-    write_json(study_dir / RESULT_FILE, summary)
-    return summary
 
 
 def _open_tracking(tracker, run: StudyRun) -> None:
@@ -379,17 +388,6 @@ def ui_base(uri: str) -> str:
     """Where MLflow's UI for the store at `uri` is: the tracking server itself, or `hilomoe ui`
     on its default address for a local store."""
     return uri if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
-
-
-def _events(study_dir: Path) -> list[dict]:
-    path = study_dir / EVENTS_FILE
-    if not path.is_file():
-        return []
-    events = []
-    for line in path.read_text().splitlines():
-        with contextlib.suppress(json.JSONDecodeError):  # a line a killed driver cut short
-            events.append(json.loads(line))
-    return events
 
 
 def _log_best_model(run: StudyRun, tracker, best: dict, register: str | None) -> None:

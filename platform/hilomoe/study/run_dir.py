@@ -10,6 +10,7 @@ reports read them; all of them import the names from here.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -89,3 +90,15 @@ class StudyRun:
         budget = self.study.budget
         return TrialContext(self.spec, self.dataset, self.study_dir, self.cache_dir,
                             threads=max(1, int(budget.cpus_per_trial)))
+
+
+def read_events(study_dir: str | Path) -> list[dict]:
+    """The study's event log, less a last line a killed driver cut short."""
+    path = Path(study_dir) / EVENTS_FILE
+    if not path.is_file():
+        return []
+    events = []
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(json.JSONDecodeError):  # a line a killed driver cut short
+            events.append(json.loads(line))
+    return events
