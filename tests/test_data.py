@@ -16,7 +16,7 @@ from hilomoe.data.checks import RowRules
 from hilomoe.data.readers import ParquetBatches
 from hilomoe.data.synth import BayesAccumulator, write_synth
 from hilomoe.session import train_local
-from hilomoe.engine.metrics import auc, logloss
+from hilomoe.metrics import auc, logloss
 
 from helpers import handwritten, with_value
 

@@ -1,5 +1,5 @@
 """Evaluation of a model: routing statistics of MoE layers, and a split's predictions with
-their metrics (exact AUC and logloss from `hilomoe.metrics`, imported here too)."""
+their metrics (exact AUC and logloss: `hilomoe.metrics`)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from hilomoe.metrics import auc, logloss
 from hilomoe.model.routing import Routing
 
-__all__ = ["Predictions", "RoutingStats", "auc", "logloss"]
+__all__ = ["Predictions", "RoutingStats"]
 
 
 class RoutingStats:
