@@ -21,6 +21,32 @@ def hilomoe(*args: str, check: bool = True, env: dict | None = None,
     return proc
 
 
+def load_golden():
+    """tests/golden/convert/golden.py as a module: the frozen converter inputs and outputs."""
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location(
+        "golden_convert", Path(__file__).parent / "golden" / "convert" / "golden.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def planted_dataset(tmp_path_factory, train: dict):
+    """The planted dataset of a training configuration's `data.synth`, written once."""
+    from hilomoe.config import parse_config
+    from hilomoe.data.synth import write_synth
+    path = tmp_path_factory.mktemp("data") / "ds"
+    write_synth(parse_config(train).data.synth, path)
+    return path
+
+
+def on_dataset(train: dict, dataset, **overrides):
+    """The training configuration reading `dataset`, with dotted-key overrides."""
+    from hilomoe.config import parse_config
+    return parse_config(train).with_overrides(**{"data.path": str(dataset), **overrides})
+
+
 def one_json(stdout: str) -> dict:
     lines = [line for line in stdout.splitlines() if line.strip()]
     assert len(lines) == 1, stdout

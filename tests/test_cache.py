@@ -18,7 +18,7 @@ import torch
 
 import hilomoe
 from helpers import hilomoe as hilomoe_cli
-from helpers import one_json
+from helpers import on_dataset, one_json, planted_dataset
 from hilomoe.config import StageName, parse_config
 from hilomoe.data.dataset import META_FILE, open_dataset
 from hilomoe.data.synth import write_synth
@@ -27,7 +27,7 @@ from hilomoe.engine.loop import Engine
 from hilomoe.errors import HilomoeError
 from hilomoe.study import cache as cache_mod
 from hilomoe.study.cache import Stage1Cache, Stage1Entry, TrialCache, source_hash
-from hilomoe.study.records import write_json
+from hilomoe.tracking.records import write_json
 from hilomoe.study.spec import parse_study
 from hilomoe.study.trial import TrialContext, run_in_process
 
@@ -42,13 +42,11 @@ TRAIN = {
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "ds"
-    write_synth(parse_config(TRAIN).data.synth, path)
-    return path
+    return planted_dataset(tmp_path_factory, TRAIN)
 
 
 def cfg_with(dataset, **overrides):
-    return parse_config(TRAIN).with_overrides(**{"data.path": str(dataset), **overrides})
+    return on_dataset(TRAIN, dataset, **overrides)
 
 
 def keys(cfg, dataset, device="cpu") -> tuple[str, str]:

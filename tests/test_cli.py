@@ -193,3 +193,26 @@ def test_data_convert_json_reports_skipped_rows(tmp_path):
     strict = hilomoe("data", "convert", "--format", "criteo", "--input", str(src), "--out",
                      str(tmp_path / "strict"), "--strict", check=False)
     assert strict.returncode == 2 and "day_0:3" in strict.stderr and "Traceback" not in strict.stderr
+
+
+@pytest.mark.parametrize("argv, sentence", [
+    (["bench", "layer", "--levels", "1", "0"],
+     "hilomoe: error: --levels: must be a positive integer, got 0"),
+    (["train", "--max-failures", "-1"],
+     "hilomoe: error: --max-failures: must be zero or more, got -1"),
+    (["data", "synth", "--rows", "many", "--out", "x"],
+     "hilomoe: error: --rows: must be a positive integer, got 'many'"),
+    (["study", "recommend", "runs/x", "--flops", "nan"],
+     "hilomoe: error: --flops: must be a positive number, got nan"),
+    (["cache", "prune", "--older-than", "3x"],
+     "hilomoe: error: --older-than: '3x' is not a duration"),
+])
+def test_a_refused_flag_value_is_one_sentence_before_anything_runs(argv, sentence, capsys):
+    """The argparse `type=` validators refuse a value as every bad input ends: one line, status 2."""
+    from hilomoe.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(sentence) and len(err.strip().splitlines()) == 1, err

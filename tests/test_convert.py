@@ -7,7 +7,6 @@ every case must convert to the same dataset.json and the same shards, byte for b
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -15,15 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers import load_golden
 from hilomoe.data.convert import ConvertError, ConvertOptions, convert
 from hilomoe.data.criteo_tsv import write_criteo_tsv
 from hilomoe.data.dataset import DatasetError, open_dataset
 from hilomoe.data.readers import ParquetBatches
 
-_spec = importlib.util.spec_from_file_location(
-    "golden_convert", Path(__file__).parent / "golden" / "convert" / "golden.py")
-golden = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(golden)
+golden = load_golden()
 
 
 def read_all(path):

@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from hilomoe.study.diagnostics import diagnostics, flat
-from hilomoe.study.report import write_report
+from hilomoe.report.diagnostics import diagnostics, flat
+from hilomoe.report.writer import write_report
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -212,7 +212,7 @@ def test_undefined_metrics_are_written_as_null(tmp_path):
 
     from hilomoe import jsonio
     from hilomoe.session import write_files
-    from hilomoe.study.records import write_json
+    from hilomoe.tracking.records import write_json
 
     nan = float("nan")
     summary = {"stages": {"base": {"auc": nan, "best_epoch": -1}}, "test": {"auc": np.float32(nan),

@@ -483,7 +483,7 @@ def test_the_compose_mlflow_server_command_runs_and_proxies_artifacts(tmp_path, 
         assert _request_status(search) == 401
         assert _request_status(search, (admin[0], "wrong-" + admin[1])) == 401
         assert _request_status(search, admin) == 200
-        from hilomoe.study.tracking import Tracker
+        from hilomoe.tracking.runs import Tracker
 
         monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", admin[0])
         monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", admin[1])

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import load_golden
 from hilomoe.cli import build_parser
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,26 +70,8 @@ def test_every_command_block_is_tagged_with_how_it_is_tested():
 
 
 def _inputs(d: Path) -> None:
-    """Small files in the layouts the README's convert commands read."""
-    criteo = ["1\t5\t\t-1\t0\t300" + "\t" * 8 + "\t68fd1e64\t" + "\ta1" * 24,
-              "0\t1\t2\t3\t\t" + "\t7" * 8 + "\t68fd1e64\t80e26c9b" + "\ta2" * 24]
-    (d / "train.txt").write_text("\n".join(criteo * 30) + "\n")
-    header = ("id,click,hour,C1,banner_pos,site_id,site_domain,site_category,app_id,app_domain,"
-              "app_category,device_id,device_ip,device_model,device_type,device_conn_type,C14,"
-              "C15,C16,C17,C18,C19,C20,C21")
-    rows = [f"{10**18 + i},{i % 2},1410{21 + i // 40}{i % 24:02d},1005,0,1fbe01fe,f3845767,"
-            f"28905ebd,ecad2386,7801e8d9,07d7df22,a99f214a,ddd2926e,44956a24,1,2,15706,320,50,"
-            f"1722,0,35,-1,79" for i in range(100)]
-    (d / "train.csv").write_text("\n".join([header, *rows]) + "\n")
-    (d / "users.dat").write_text("1::F::1::10::48067\n2::M::56::16::70072\n")
-    (d / "movies.dat").write_bytes("1::Toy Story (1995)::Animation|Comedy\n"
-                                   "2::Café Society (1995)::Drama\n".encode("latin-1"))
-    (d / "ratings.dat").write_text("\n".join(f"{1 + i % 2}::{1 + i % 3 // 2}::{1 + i % 5}::"
-                                             f"{978300760 + i}" for i in range(60)) + "\n")
-    (d / "frappe.yaml").write_text("columns:\n  label: label\n  user: categorical\n"
-                                   "  item: categorical\n  price: numeric\n")
-    (d / "frappe.csv").write_text("label,user,item,price\n" + "".join(
-        f"{i % 2},u{i % 7},i{i % 5},{i / 10}\n" for i in range(80)))
+    """Small files in the layouts the README's convert commands read (the golden cases' own)."""
+    load_golden()._readme_inputs(d)
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from hilomoe.data.dataset import open_dataset
 from hilomoe.data.synth import write_synth
 from hilomoe.errors import HilomoeError
 from hilomoe.study.run_dir import StudyRun
-from hilomoe.study.records import save_record
+from hilomoe.tracking.records import save_record
 from hilomoe.study.recommend import load_recommendations, recommend
 from hilomoe.study.spec import parse_study
 from hilomoe.study.trial import trial_cost

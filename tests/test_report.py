@@ -12,9 +12,9 @@ import random
 import numpy as np
 import pytest
 
-from hilomoe.study.pareto import dominates, fronts_by_variant, pareto_front, roi, usable
-from hilomoe.study.report import write_report
-from hilomoe.study.scaling import fit_axis, fit_power_law, heldout_check, identification
+from hilomoe.report.pareto import dominates, fronts_by_variant, pareto_front, roi, usable
+from hilomoe.report.writer import write_report
+from hilomoe.report.scaling import fit_axis, fit_power_law, heldout_check, identification
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -350,7 +350,7 @@ def crossed_design():
 
 
 def test_the_joint_law_lands_inside_its_intervals_and_predicts_the_held_out_corner():
-    from hilomoe.study.joint_law import fit_joint, joint_identification
+    from hilomoe.report.joint_law import fit_joint, joint_identification
 
     n, d = crossed_design()
     covered = 0
@@ -373,9 +373,33 @@ def test_the_joint_law_lands_inside_its_intervals_and_predicts_the_held_out_corn
 
 
 def test_a_joint_law_without_a_data_axis_is_explained():
-    from hilomoe.study.joint_law import fit_joint
+    from hilomoe.report.joint_law import fit_joint
 
     records = [rec(str(i), 1, 0.8 + 0.01 * i, params_active=1000 * 2 ** i, train_rows=1e5)
                for i in range(8)]
     fit = fit_joint(records)
     assert fit.law is None and "1 D" in fit.reason
+
+
+def test_study_report_imports_neither_torch_nor_ray(tmp_path):
+    """`hilomoe study report DIR` reads JSON: run in a fresh process on a study directory of
+    trial records, it writes the report without importing torch or Ray (not even through the
+    record loader)."""
+    import subprocess
+    import sys
+
+    from hilomoe.tracking.records import save_record
+
+    for record in study():
+        save_record(tmp_path, record)
+    probe = ("import json, sys\n"
+             "from hilomoe.cli import main\n"
+             "code = main(['study', 'report', sys.argv[1], '--json'])\n"
+             "print(json.dumps({'code': code, 'heavy': sorted(m for m in ('torch', 'ray')\n"
+             "                                               if m in sys.modules)}))\n")
+    proc = subprocess.run([sys.executable, "-c", probe, str(tmp_path)], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    report, probed = (json.loads(line) for line in proc.stdout.splitlines() if line.strip())
+    assert probed == {"code": 0, "heavy": []}
+    assert report["trials"] == 12 and (tmp_path / "report" / "report.md").is_file()

@@ -8,14 +8,16 @@ import pytest
 import torch
 
 from hilomoe.bench.study import measure
-from hilomoe.config import StageName, parse_config
+from helpers import on_dataset, planted_dataset
+from hilomoe.config import StageName
 from hilomoe.data.synth import write_synth
 from hilomoe.engine.local import build_model, parquet_sources
 from hilomoe.engine.loop import Engine, run_stages
 from hilomoe.study.cache import Stage1Cache, Stage1Entry, TrialCache
-from hilomoe.study.records import best_record, trial_record
+from hilomoe.tracking.records import best_record, trial_record
 from hilomoe.study.space import SearchSpace
 from hilomoe.study.spec import parse_study
+from hilomoe.study.trial import trial_cost
 
 TRAIN = {
     "data": {"synth": {"rows": 3000, "categorical_fields": 4, "vocab_size": 10,
@@ -199,13 +201,11 @@ def test_labels_are_short_and_unique():
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "ds"
-    write_synth(parse_config(TRAIN).data.synth, path)
-    return path
+    return planted_dataset(tmp_path_factory, TRAIN)
 
 
 def cfg_with(dataset, **overrides):
-    return parse_config(TRAIN).with_overrides(**{"data.path": str(dataset), **overrides})
+    return on_dataset(TRAIN, dataset, **overrides)
 
 
 def test_the_cache_key_depends_on_the_base_and_not_on_the_experts(dataset):
@@ -349,12 +349,13 @@ def test_records_say_completed_pruned_or_failed(dataset):
     epoch = {"stage": "joint", "epoch": 1, "valid_auc": 0.7, "elapsed_s": 3.0}
     final = {"final": True, "valid_auc": 0.71, "test_auc": 0.72, "train_seconds": 4.0,
              "stage1_reused": True, "stage1_seconds": 2.0}
-    done = trial_record("a", {}, cfg, schema, [epoch, final], "done", None, 1000)
+    cost = trial_cost(cfg, schema)
+    done = trial_record("a", {}, cfg, cost, [epoch, final], "done", None, 1000)
     assert done["status"] == "completed" and done["test_auc"] == 0.72 and done["epochs"] == 1
     assert done["stage1_reused"] and done["train_seconds"] == 4.0 and done["flops"] > 0
-    cut = trial_record("b", {}, cfg, schema, [epoch], "done", None, 1000)
+    cut = trial_record("b", {}, cfg, cost, [epoch], "done", None, 1000)
     assert cut["status"] == "pruned" and cut["test_auc"] is None and cut["valid_auc"] == 0.7
-    assert trial_record("c", {}, cfg, schema, [epoch], "failed", None, 1000)["status"] == "failed"
+    assert trial_record("c", {}, cfg, cost, [epoch], "failed", None, 1000)["status"] == "failed"
     spec = parse_study(study({}))
     assert best_record(spec, [cut, done])["trial_id"] == "a"
 

@@ -15,7 +15,9 @@ import pytest
 import torch
 
 from hilomoe.errors import HilomoeError
-from hilomoe.study.tracking import Tracker, load_records, tracking_uri
+from hilomoe.tracking.read import load_records
+from hilomoe.tracking.retry import tracking_uri
+from hilomoe.tracking.runs import Tracker
 from mlflow_server import free_port, start_mlflow_server, stop_mlflow_server
 
 TRIALS = ("t0", "t1")

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from hilomoe.study.verdict import Headline, headline, repeat_points, repeat_targets
+from hilomoe.report.verdict import Headline, headline, repeat_points, repeat_targets
 
 
 def rec(trial_id, variant, flops, valid, test=None, seed=0, repeat_of=None, **params) -> dict:

@@ -17,7 +17,7 @@ from hilomoe.model.embedding import FeatureEmbedding, TableOptimizer
 
 # The tables' learning rate when a stage sets none: Adagrad's steps shrink with the squared
 # gradients it has summed, so it starts larger than Adam's; measured on the planted problems
-# (see the README's "Real data at scale").
+# (see docs/training.md, "Embeddings at real vocabularies").
 EMBEDDING_LR = {"rowwise_adagrad": 0.1, "adagrad": 0.05, "adam": None, "sgd": None}
 
 

@@ -17,11 +17,12 @@ from typing import Any, Callable
 from ray.tune import Callback
 
 from hilomoe import jsonio
-from hilomoe.study.design import DESIGN_AXIS
-from hilomoe.study.diagnostics import flat
-from hilomoe.study.records import save_record, trial_record, write_json
+from hilomoe.model.flops import trial_cost
+from hilomoe.report.diagnostics import flat
+from hilomoe.report.fields import DESIGN_AXIS, REPEAT_OF
 from hilomoe.study.run_dir import EVENTS_FILE, RUNS_FILE, StudyRun
-from hilomoe.study.space import REPEAT_OF, SearchSpace
+from hilomoe.study.space import SearchSpace
+from hilomoe.tracking.records import save_record, trial_record, write_json
 
 EPOCH_PREFIXES = ("train_", "valid_")
 # MLflow's "Source" column: what ran the trial
@@ -47,7 +48,7 @@ def trial_params(cfg, searched: dict, data_path: str | None) -> dict[str, Any]:
     A model without experts runs stage 1 only: its MoE and stage-2/3 settings did nothing, so
     they are left out. The data is named as the study file names it (`data_path`, or the
     planted problem's settings), not by the machine path a trial reads it from."""
-    from hilomoe.study.tracking import SEARCH_PREFIX, flatten
+    from hilomoe.tracking.keys import SEARCH_PREFIX, flatten
 
     raw = cfg.model_dump(mode="json")
     raw["data"].pop("path")
@@ -65,7 +66,7 @@ def trial_params(cfg, searched: dict, data_path: str | None) -> dict[str, Any]:
 
 def trial_tags(record: dict) -> dict[str, str]:
     """How the trial ended (`hilomoe.status`), and where a replayed result was trained."""
-    from hilomoe.study.tracking import REUSED_TAG, STATUS_TAG
+    from hilomoe.tracking.keys import REUSED_TAG, STATUS_TAG
 
     status = "reused" if record.get("trial_reused") and record["status"] == "completed" \
         else record["status"]
@@ -100,7 +101,7 @@ class StudyCallback(Callback):
             run = StudyRun.load(self.study_dir)
             attached = _ATTACHED.get(str(self.study_dir))
             if attached is None:  # driven by another process: open our own tracker
-                from hilomoe.study.tracking import Tracker
+                from hilomoe.tracking.runs import Tracker
 
                 tracker = Tracker(run.experiment, run.tracking_uri, on_warning=self._warn)
                 tracker.start_study({}, run_id=run.parent_run_id)
@@ -176,8 +177,9 @@ class StudyCallback(Callback):
         results = live["results"].get(trial.trial_id) or [trial.last_result or {}]
         checkpoint = (trial.checkpoint.path if trial.checkpoint
                       else results[-1].get("checkpoint_path"))
-        record = trial_record(trial.trial_id, live["space"].overrides(trial.config),
-                              live["ctx"].config(trial.config), live["schema"], results, status,
+        cfg = live["ctx"].config(trial.config)
+        record = trial_record(trial.trial_id, live["space"].overrides(trial.config), cfg,
+                              trial_cost(cfg, live["schema"]), results, status,
                               checkpoint, live["train_rows"],
                               repeat_of=trial.config.get(REPEAT_OF),
                               design_axis=trial.config.get(DESIGN_AXIS))

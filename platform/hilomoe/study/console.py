@@ -1,4 +1,4 @@
-"""The live trial table of `hilomoe study run`.
+"""The live trial table of `hilomoe study run`, and what `study run / plan / recommend` print.
 
 Tune pickles its callbacks into the study's state (to restore them with the study), so the
 table holds only plain data and makes its rich console lazily. On a terminal it redraws one
@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 import time
 from typing import Any
+
+from hilomoe.console import duration, print_table, say
 
 
 def _fmt(v: Any) -> str:
@@ -106,3 +108,69 @@ class TrialTable:
                           r.get("stage", "-"), _fmt(r.get("epoch")), _fmt(r.get("auc")),
                           _fmt(r.get("best")), _fmt(r.get("test")), _fmt(r.get("flops")))
         return table
+
+
+# -- what `hilomoe study run / plan / recommend` print at the end ------------------------------
+
+
+def print_study(summary: dict) -> None:
+    """A finished study: counts, the best trial, the verdict, the laws, the Pareto set, and
+    where to browse it."""
+    best, c = summary["best"], summary["counts"]
+    say(f"{c['completed']} trials completed, {c['pruned']} pruned, {c['failed']} failed; "
+        f"stage 1 reused by {summary['stage1_reused']} (saved "
+        f"{duration(summary['stage1_saved_s'])} of training)")
+    if best:
+        m = best["metrics"]
+        params = ", ".join(f"{k}={v}" for k, v in best["params"].items())
+        say(f"best trial {best['trial_id']}: valid auc {m['valid_auc']:.4f}, test auc "
+            f"{m['test_auc']:.4f}, {m['flops']:,.0f} FLOPs/sample ({params})")
+    h = summary.get("headline") or {}
+    if "verdict" in h:
+        ci = h.get("auc_diff_ci")
+        interval = f" [{ci[0]:+.4f}, {ci[1]:+.4f}] (95%)" if ci else ""
+        say(f"verdict over {h['seeds']} seed(s): {h['verdict']} (hilomoe minus dense, "
+            f"{h['metric']}: {h['auc_diff']:+.4f}{interval})")
+    for axis, law in (summary.get("laws") or {}).items():
+        mae = law.get("heldout_mae")
+        state = ("identified" if law["identified"] else f"not identified ({law['reason']})")
+        say(f"law along {axis}: {state}"
+            f"{'' if mae is None else f', held-out error {mae:.4f} AUC'}")
+    print_table("Pareto set (validation AUC vs FLOPs per sample)",
+                ["variant", "trial", "auc", "FLOPs"],
+                [[p["variant"], p["trial_id"], p["auc"], p["flops"]] for p in summary["pareto"]])
+    local = not summary["tracking_uri"].startswith(("http://", "https://"))
+    say(f"report: {summary['report']}\nbrowse every trial: "
+        f"{'hilomoe ui, then ' if local else ''}{summary['mlflow_url'] or 'MLflow'}   "
+        f"(experiment {summary['mlflow_experiment']!r} at {summary['tracking_uri']})")
+
+
+def print_plan(plan) -> None:
+    """A study's cost plan (`study.plan.StudyPlan`): the sentence, phases, calibration."""
+    say(plan.sentence())
+    print_table("phases (mean over the draws)", ["phase", "trials", "trial-seconds", "wall s"],
+                [[p.phase, f"{p.trials:.0f}", f"{p.trial_s:.0f}", f"{p.wall_s:.0f}"]
+                 for p in plan.phases])
+    cal = plan.calibration
+    print_table(f"calibration ({cal.device}, {cal.threads} thread(s))",
+                ["point", "stage", "batch", "FLOPs/sample", "samples/s"],
+                [[m.point, m.stage, m.batch, f"{m.flops:,.0f}", f"{m.samples_per_s:,.0f}"]
+                 for m in cal.train])
+    for line in plan.assumptions:
+        say(f"assumes: {line}")
+
+
+def print_recommendation(rec, flops: float) -> None:
+    """A recommendation (`study.recommend`): what, its predicted AUC band, and if verified,
+    the achieved AUC against it."""
+    ci = "" if rec.interval is None else f" [{rec.interval[0]:.4f}, {rec.interval[1]:.4f}]"
+    say(f"within {flops:,.0f} FLOPs per sample: {rec.source}"
+        f"{' (extrapolated past the values tried)' if rec.extrapolated else ''}, "
+        f"{rec.flops:,.0f} FLOPs, predicted valid AUC {rec.predicted_auc:.4f}{ci} (95%)")
+    say("settings: " + ", ".join(f"{k}={v}" for k, v in rec.settings.items()))
+    if rec.achieved is not None:
+        inside = rec.within_interval()
+        where = ("" if inside is None else " (inside the interval)" if inside
+                 else " (outside the interval)")
+        say(f"verified: achieved valid AUC {rec.achieved['valid_auc']:.4f} against "
+            f"{rec.predicted_auc:.4f} predicted{where}")

@@ -26,8 +26,9 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from hilomoe.config import ConfigError, Strict, TrainConfig
-from hilomoe.study.keys import DESIGN_AXIS, FIXED, config_key
-from hilomoe.study.pareto import best, usable
+from hilomoe.report.fields import DESIGN_AXIS, FIXED, SETTING
+from hilomoe.report.pareto import best, usable
+from hilomoe.study.keys import config_key
 
 Axis = Literal["experts", "levels", "rank", "mlp_width", "train_size"]
 MIN_VALUES = 6  # distinct values per axis: a law and its held-out check (scaling.py)
@@ -38,12 +39,6 @@ DEFAULTS: dict[str, list[float]] = {
     "mlp_width": [0.25, 0.5, 1, 2, 4, 8],  # factors on the best configuration's widths
     "train_size": [1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2, 1],  # fractions of the train split
 }
-SETTING = {"experts": "model.moe.experts", "levels": "model.moe.levels",
-           "rank": "model.moe.rank", "mlp_width": "model.backbone.mlp",
-           "train_size": "data.train_fraction"}
-# the record field each axis is fitted along (scaling.py)
-RECORD_FIELD = {"experts": "experts", "levels": "levels", "rank": "rank",
-                "mlp_width": "mlp_width", "train_size": "train_rows"}
 
 
 class LawDesign(Strict):
@@ -119,8 +114,3 @@ def design_points(design: LawDesign, fixed: TrainConfig, records: list[dict]) ->
                 out.append({FIXED: settings, DESIGN_AXIS: axis})
     return out
 
-
-def design_base(designed: list[dict], axis: str) -> dict:
-    """The settings a design's grid points share: their center's params (scaling.py finds the
-    center among the trials by them: it is a grid point that was trained before)."""
-    return {k: v for k, v in designed[0]["params"].items() if k != SETTING[axis]}

@@ -1,7 +1,7 @@
 """The driver of `hilomoe study run`: Ray Tune with Optuna over the study's space, every trial's
 three-stage training, MLflow tracking, and the report at the end. Three phases, each a Tuner:
 the search; the scaling-law grids of `laws` (study/design.py); the repeats of the baseline and
-the HiLoMoE frontier with more seeds (study/verdict.py).
+the HiLoMoE frontier with more seeds (report/verdict.py).
 
     summary = run_study(load_study("studies/quickstart.yaml"), "runs/quickstart")
     summary = run_study(spec, "runs/quickstart", resume=True)      # after the driver died
@@ -27,22 +27,23 @@ from typing import Callable, Iterator
 
 from hilomoe import jsonio
 from hilomoe.errors import HilomoeError
+from hilomoe.report.verdict import MODEL, repeat_points, search_records
 from hilomoe.study.design import design_points
-from hilomoe.study.records import best_record, load_records, write_json
 from hilomoe.study.run_dir import (EVENTS_FILE, PHASE_DIRS, RESULT_FILE, STUDY_FILE, StudyRun,
                                    read_events)
 from hilomoe.study.space import SearchSpace
 from hilomoe.study.spec import StudySpec
 from hilomoe.study.trial import TRIAL_CPU, run_trial
-from hilomoe.study.verdict import MODEL, repeat_points, search_records
+from hilomoe.tracking.records import best_record, load_records, write_json
 
 # StudyRun and STUDY_FILE are also imported from here (`hilomoe study recommend`)
 __all__ = ["STUDY_FILE", "StudyRun", "run_study"]
 
+
 def _open_run(spec: StudySpec, study_dir: Path, resume: bool, cache: bool) -> StudyRun:
     from hilomoe.data.dataset import check_unchanged, open_dataset
-    from hilomoe.study.tracking import tracking_uri
     from hilomoe.distributed.runtime import cache_dir, dataset_path
+    from hilomoe.tracking.retry import tracking_uri
 
     if resume:
         run = StudyRun.load(study_dir)
@@ -217,8 +218,8 @@ def _warner(console: Callable[[dict], None] | None, study_dir: str) -> Callable[
 
 def _drive(run: StudyRun, resume: bool, console: Callable[[dict], None] | None,
            t0: float, plan: dict, register: str | None = None) -> dict:
-    from hilomoe.study.tracking import Tracker
     from hilomoe.distributed.runtime import connect_ray
+    from hilomoe.tracking.runs import Tracker
 
     spec, warn = run.study, _warner(console, run.study_dir)
     tracker = Tracker(run.experiment, run.tracking_uri, on_warning=warn)
@@ -286,7 +287,7 @@ def _conclude(run: StudyRun, tracker, wall_s: float, plan: dict,
     """Report, best model and summary: what the study found, in files and in MLflow."""
     from hilomoe.study.plan import compare
     from hilomoe.study.recommend import load_recommendations
-    from hilomoe.study.report import write_report
+    from hilomoe.report.writer import write_report
 
     spec = run.study
     study_dir = Path(run.study_dir)
@@ -361,7 +362,7 @@ def _open_tracking(tracker, run: StudyRun) -> None:
     """The study's parent run, and the experiment's saved view of its trials: the searched
     settings, the objectives and cost, and how each trial ended, best first."""
     from hilomoe.study.callback import SOURCE_TAGS
-    from hilomoe.study.tracking import SEARCH_PREFIX, STATUS_TAG
+    from hilomoe.tracking.keys import SEARCH_PREFIX, STATUS_TAG
 
     spec = run.study
     tracker.start_study(params={"study": spec.model_dump(mode="json", exclude_none=True)},
@@ -397,7 +398,7 @@ def _log_best_model(run: StudyRun, tracker, best: dict, register: str | None) ->
     from hilomoe.engine.local import build_model
     from hilomoe.model.serving import ServingModel, serving_example
     from hilomoe.session import read_state
-    from hilomoe.study.tracking import SEARCH_PREFIX, TRIAL_TAG
+    from hilomoe.tracking.keys import SEARCH_PREFIX, TRIAL_TAG
 
     state, _ = read_state(best["checkpoint"])
     if state is None:

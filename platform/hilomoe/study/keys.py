@@ -1,6 +1,6 @@
-"""What names a study's points: the key of what a configuration trains, and the names a fixed
-point's Tune config and its record use. No study types here: the study file's types (spec.py,
-design.py) and the search space (space.py) all import these.
+"""The key of what a configuration trains: equal for two points of a study that train the same
+model. No study types here: the study file's types (spec.py, design.py), the search space
+(space.py) and the caches (cache.py) all import it.
 """
 
 from __future__ import annotations
@@ -9,12 +9,6 @@ import hashlib
 import json
 
 from hilomoe.config import TrainConfig
-
-# A fixed point (a repeat, a law design's grid point) holds its settings already resolved
-# under FIXED, and says what it is for under REPEAT_OF (`study/verdict.py`) or DESIGN_AXIS
-# (`study/design.py`); a record keeps the same names.
-FIXED, REPEAT_OF, DESIGN_AXIS = "settings", "repeat_of", "design_axis"
-
 
 def config_key(cfg: TrainConfig) -> str:
     """Equal for configurations that train the same model: the effective configuration, less

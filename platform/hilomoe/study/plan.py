@@ -43,7 +43,7 @@ import torch
 
 from hilomoe.config import StageName, TrainConfig
 from hilomoe.data.dataset import open_dataset
-from hilomoe.engine.local import base_model_config, build_model, parquet_sources
+from hilomoe.engine.local import base_model_config, build_model, parquet_sources, schema_for
 from hilomoe.engine.loop import Engine
 from hilomoe.model.flops import model_cost
 from hilomoe.study.design import settings_at
@@ -142,7 +142,7 @@ def corners(spec: StudySpec, configs: list[TrainConfig]) -> list[TrainConfig]:
     cost = {}
     for cfg in configs:
         if schema is None:
-            schema = open_dataset(cfg.data.path).schema
+            schema = schema_for(cfg)  # the space shares one dataset
         cost[config_key(cfg)] = model_cost(schema, cfg.model).flops
     out: dict[str, TrainConfig] = {}
     for group in (configs, [c for c in configs if c.model.moe.has_experts]):
@@ -509,8 +509,7 @@ def plan_study(spec: StudySpec, dataset: str | Path, cache_dir: str | None = Non
 def actual_phases(records: list[dict], events: list[dict]) -> dict[str, dict]:
     """Per phase, the trials the study ran and the wall time from its first trial's start to
     its last trial's end (from the event log)."""
-    from hilomoe.study.design import DESIGN_AXIS
-    from hilomoe.study.space import REPEAT_OF
+    from hilomoe.report.fields import DESIGN_AXIS, REPEAT_OF
 
     def phase(r: dict) -> str:
         return "design" if r.get(DESIGN_AXIS) else "repeats" if r.get(REPEAT_OF) else "search"
@@ -540,12 +539,3 @@ def compare(plan: dict, actual_wall_s: float, records: list[dict],
                                    "actual": actual[p["phase"]]["wall_s"]}}
                        for p in plan["phases"]]}
 
-
-def saved_cost(study_dir: str | Path) -> dict | None:
-    """The planned-against-actual entry a finished study saved in its summary, if any."""
-    import json
-
-    from hilomoe.study.run_dir import RESULT_FILE
-
-    path = Path(study_dir) / RESULT_FILE
-    return json.loads(path.read_text()).get("plan") if path.is_file() else None

@@ -30,12 +30,12 @@ import numpy as np
 
 from hilomoe import jsonio
 from hilomoe.errors import HilomoeError
-from hilomoe.study.design import DESIGN_AXIS, SETTING, design_center, settings_at
-from hilomoe.study.pareto import number, usable
-from hilomoe.study.records import load_records
-from hilomoe.study.scaling import DESIGN_FIELD, fit_axis
-from hilomoe.study.space import REPEAT_OF
-from hilomoe.study.verdict import MODEL
+from hilomoe.report.fields import DESIGN_AXIS, DESIGN_FIELD, REPEAT_OF, SETTING
+from hilomoe.report.pareto import number, usable
+from hilomoe.report.scaling import fit_axis
+from hilomoe.report.verdict import MODEL
+from hilomoe.study.design import design_center, settings_at
+from hilomoe.tracking.records import load_records
 
 RECOMMENDATIONS_FILE = "recommendations.jsonl"
 EXTRAPOLATE = 2.0  # a law's recommendation goes at most this far past the largest value tried

@@ -18,18 +18,20 @@ from typing import Any
 
 from hilomoe.config import TrainConfig, TypedView, parse_config
 from hilomoe.errors import HilomoeError
-from hilomoe.study.records import write_json
 from hilomoe.study.space import SearchSpace
 from hilomoe.study.spec import StudySpec, parse_study
+from hilomoe.tracking.records import RESULT_FILE, write_json
 
 STUDY_FILE = "study.json"  # the StudyRun
 RUNS_FILE = "mlflow_runs.json"  # trial id -> MLflow child run (kept by the study's callback)
 EVENTS_FILE = "events.jsonl"  # trial starts, epochs, ends, recoveries and warnings, timed
-RESULT_FILE = "result.json"  # the study's summary, once it ended
 TUNE_DIR = "tune"
 # each phase's Tuner: the search, then the law designs (study/design.py), then the repeats
-# behind the verdict (study/verdict.py)
+# behind the verdict (report/verdict.py)
 PHASE_DIRS = {"search": TUNE_DIR, "design": "tune_design", "repeats": "tune_repeats"}
+# the study's summary once it ended is RESULT_FILE (tracking/records.py: its reader is there)
+__all__ = ["EVENTS_FILE", "PHASE_DIRS", "RESULT_FILE", "RUNS_FILE", "STUDY_FILE", "StudyRun",
+           "TrialContext", "read_events"]
 
 
 @dataclass

@@ -22,10 +22,11 @@ from __future__ import annotations
 from typing import Any, Iterator
 
 from hilomoe.config import ConfigError, TrainConfig
-from hilomoe.study.keys import FIXED, REPEAT_OF, config_key
+from hilomoe.report.fields import FIXED
+from hilomoe.study.keys import config_key
 from hilomoe.study.spec import Domain, StudySpec
 
-__all__ = ["FIXED", "REPEAT_OF", "SearchSpace", "config_key"]  # the keys: study/keys.py
+__all__ = ["FIXED", "SearchSpace", "config_key"]  # FIXED: report/fields.py; config_key: keys.py
 
 SCALARS = (bool, int, float, str, type(None))
 # settings that decide whether others apply, drawn before the rest (in this order)

@@ -7,7 +7,7 @@
       stages.joint.lr: {float: [1.0e-4, 1.0e-2], log: true}
     objectives: [{metric: valid_auc, mode: max}, {metric: flops, mode: min}]
     budget: {trials: 16, concurrency: 2, time_limit_s: 3600, workers_per_trial: 1}
-    repeats: 3                   # seeds behind the verdict (study/verdict.py)
+    repeats: 3                   # seeds behind the verdict (report/verdict.py)
     laws: {axes: [experts, train_size]}   # a grid per axis after the search (study/design.py)
     scheduler: {type: asha, grace_epochs: 1, reduction_factor: 3}
     sampler: tpe                 # or grid (every combination of choices), random

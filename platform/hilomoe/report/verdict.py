@@ -27,8 +27,8 @@ from typing import Iterable
 
 import numpy as np
 
-from hilomoe.study.pareto import best, number, pareto_front, usable
-from hilomoe.study.space import FIXED, REPEAT_OF
+from hilomoe.report.fields import FIXED, REPEAT_OF
+from hilomoe.report.pareto import best, number, pareto_front, usable
 
 BASELINE, MODEL = "dense", "hilomoe"
 BOOTSTRAP = 2000  # seed resamples for the FLOPs ratio's interval

@@ -25,8 +25,8 @@ from typing import Iterable
 
 import numpy as np
 
-from hilomoe.study.pareto import number, usable
-from hilomoe.study.scaling import AT_BOUND, B_MAX, json_float, t_quantile
+from hilomoe.report.pareto import number, usable
+from hilomoe.report.scaling import AT_BOUND, B_MAX, json_float, t_quantile
 
 NAMES = ("E", "A", "alpha", "B", "beta")
 MIN_POINTS, MIN_DISTINCT = 7, 3  # five parameters and two residual degrees of freedom

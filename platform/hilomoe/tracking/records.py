@@ -1,4 +1,5 @@
-"""Trial records: one JSON document per finished trial, what reports and `--json` read.
+"""Trial records: one JSON document per finished trial, what reports and `--json` read; the
+record loader of a study directory (`trials/*.json`, the saved `result.json`).
 
     {"trial_id", "status": completed | pruned | failed, "params": {dotted key: value}, "seed",
      "repeat_of", "design_axis",                       # repeats, law designs (study/design.py)
@@ -7,7 +8,11 @@
      "flops", "params_total", "params_active", "params_embedding",   # per sample, analytic
      "epochs", "train_seconds", "stage1_reused", "stage1_seconds", "trial_reused", "trial_saved_s",
      "checkpoint",
-     "stage_auc", "overfit_gap", "routing"}                           # study/diagnostics.py
+     "stage_auc", "overfit_gap", "routing"}                           # report/diagnostics.py
+
+`trial_record` builds a record from what a trial reported and its cost (FLOPs and parameter
+counts, computed where the trial's configuration and schema are known: study/trial.py
+`trial_cost`), so that reading records needs neither torch nor the engine.
 
 A replayed trial (`trial_reused`: its configuration was trained before) trained nothing: its
 `train_seconds` is 0 and `trial_saved_s` what the original took.
@@ -20,27 +25,30 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hilomoe import jsonio
 from hilomoe.atomic import write_atomic
-from hilomoe.study.diagnostics import diagnostics
-from hilomoe.study.spec import StudySpec
+from hilomoe.report.diagnostics import diagnostics
+
+if TYPE_CHECKING:
+    from hilomoe.config import TrainConfig
+    from hilomoe.study.spec import StudySpec
 
 TRIALS_DIR = "trials"
+RESULT_FILE = "result.json"  # a finished study's summary (study/driver.py)
 
 
-def trial_record(trial_id: str, params: dict, cfg, schema, results: list[dict], status: str,
-                 checkpoint: str | None, train_rows: int, repeat_of: str | None = None,
-                 design_axis: str | None = None) -> dict:
+def trial_record(trial_id: str, params: dict, cfg: TrainConfig, cost: dict, results: list[dict],
+                 status: str, checkpoint: str | None, train_rows: int,
+                 repeat_of: str | None = None, design_axis: str | None = None) -> dict:
     """A record from a trial's reported results; `status` "done" becomes completed (it reached
-    its final report) or pruned (a scheduler stopped it)."""
+    its final report) or pruned (a scheduler stopped it). `cost`: the trial's FLOPs per sample
+    and parameter counts (`flops`, `params_total`, `params_active`, `params_embedding`)."""
     last = results[-1] if results else {}
     final = bool(last.get("final"))
     if status == "done":
         status = "completed" if final else "pruned"
-    from hilomoe.model.flops import trial_cost  # here: reading records needs no torch
-
     moe = cfg.model.moe
     return {
         "trial_id": trial_id, "status": status, "params": params, "seed": cfg.seed,
@@ -55,7 +63,7 @@ def trial_record(trial_id: str, params: dict, cfg, schema, results: list[dict], 
         "valid_auc": last.get("valid_auc"), "valid_logloss": last.get("valid_logloss"),
         "test_auc": last.get("test_auc") if final else None,
         "test_logloss": last.get("test_logloss") if final else None,
-        **trial_cost(cfg, schema),
+        **cost,
         "epochs": sum(1 for r in results if "stage" in r and not r.get("reused")),
         "train_seconds": last.get("train_seconds", last.get("elapsed_s", 0.0)),
         "stage1_reused": bool(last.get("stage1_reused")),
@@ -85,6 +93,12 @@ def load_records(study_dir: str | Path) -> list[dict]:
         return []
     return sorted((json.loads(p.read_text()) for p in d.glob("*.json")),
                   key=lambda r: r["trial_id"])
+
+
+def saved_cost(study_dir: str | Path) -> dict | None:
+    """The planned-against-actual entry a finished study saved in its summary, if any."""
+    path = Path(study_dir) / RESULT_FILE
+    return json.loads(path.read_text()).get("plan") if path.is_file() else None
 
 
 def best_record(spec: StudySpec, records: list[dict]) -> dict | None:

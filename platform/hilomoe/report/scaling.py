@@ -34,8 +34,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from hilomoe.study.design import SETTING, design_base
-from hilomoe.study.pareto import number, usable
+from hilomoe.report.fields import DESIGN_FIELD, SETTING
+from hilomoe.report.pareto import number, usable
 
 #: Record field -> what it is called in the report.
 AXES = {
@@ -48,9 +48,6 @@ AXES = {
 }
 #: Axes fitted only when a law design varied them (study/design.py): record field -> label.
 DESIGN_AXES = {"mlp_width": "MLP width (first layer)", "train_rows": "training rows D"}
-#: A design axis name (study/design.py) -> the record field it is fitted along.
-DESIGN_FIELD = {"experts": "experts", "levels": "levels", "rank": "rank",
-                "mlp_width": "mlp_width", "train_size": "train_rows"}
 #: Architecture knobs: other settings (lr, ...) vary too, so only the best trial per value counts.
 ENVELOPE_AXES = frozenset({"experts", "levels", "rank"})
 #: Axes whose values are counts: proposed values are whole numbers.
@@ -213,9 +210,10 @@ def axis_points(records: Iterable[dict], axis: str,
     designed = [r for r in points if DESIGN_FIELD.get(r.get("design_axis")) == axis]
     if designed:  # a grid along this axis, all else fixed: exactly the law's points
         name = designed[0]["design_axis"]
-        base = design_base(designed, name)
+        # the settings the grid shares: its center's (a grid point trained before)
+        base = _except(designed[0].get("params", {}), SETTING[name])
         center = [r for r in points if not r.get("design_axis")
-                  and {k: v for k, v in r.get("params", {}).items() if k != SETTING[name]} == base
+                  and _except(r.get("params", {}), SETTING[name]) == base
                   and not r.get("repeat_of")]
         points = designed + center[:1]
     elif axis != "train_rows":  # a model-size law is at the whole training set
@@ -230,6 +228,10 @@ def axis_points(records: Iterable[dict], axis: str,
     points.sort(key=lambda r: (number(r[axis]), -number(r["valid_auc"])))
     return ([number(r[axis]) for r in points], [number(r["valid_auc"]) for r in points],
             [None if r.get("trial_id") is None else str(r["trial_id"]) for r in points])
+
+
+def _except(params: dict, setting: str) -> dict:
+    return {k: v for k, v in params.items() if k != setting}
 
 
 def fit_axis(records: Iterable[dict], axis: str, variant: str = "hilomoe") -> AxisFit:
