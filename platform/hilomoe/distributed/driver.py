@@ -11,7 +11,6 @@ run directory holds `run.json` (config, Ray run name, storage), Ray's checkpoint
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -61,11 +60,9 @@ class TrainRun:
 
     @classmethod
     def load(cls, out_dir: str | Path) -> TrainRun:
-        path = Path(out_dir) / RUN_FILE
-        if not path.is_file():
-            raise HilomoeError(f"{out_dir}: not a run directory (no {RUN_FILE}); --resume takes "
-                               f"the --out directory of an earlier `hilomoe train`.")
-        run = cls(**json.loads(path.read_text()))
+        run = cls(**jsonio.read_dict(
+            Path(out_dir) / RUN_FILE, f"{out_dir}: not a run directory (no {RUN_FILE}); --resume "
+            f"takes the --out directory of an earlier `hilomoe train`."))
         open_dataset(run.dataset)
         check_unchanged(run.dataset, run.dataset_hash, f"the run in {out_dir}")
         return run

@@ -16,8 +16,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from hilomoe import jsonio
 from hilomoe.config import TrainConfig, TypedView, parse_config
-from hilomoe.errors import HilomoeError
 from hilomoe.study.space import SearchSpace
 from hilomoe.study.spec import StudySpec, parse_study
 from hilomoe.tracking.records import RESULT_FILE, write_json
@@ -82,11 +82,9 @@ class StudyRun:
 
     @classmethod
     def load(cls, study_dir: str | Path) -> StudyRun:
-        path = Path(study_dir) / STUDY_FILE
-        if not path.is_file():
-            raise HilomoeError(f"{study_dir}: not a study directory (no {STUDY_FILE}); --resume "
-                               f"continues a study started with the same --out.")
-        return cls(**json.loads(path.read_text()))
+        return cls(**jsonio.read_dict(
+            Path(study_dir) / STUDY_FILE, f"{study_dir}: not a study directory (no "
+            f"{STUDY_FILE}); --resume continues a study started with the same --out."))
 
     def context(self) -> TrialContext:
         budget = self.study.budget
