@@ -245,7 +245,7 @@ def test_a_dataset_synthesised_twice_at_once_keeps_the_first(tmp_path, monkeypat
     """Job B starts writing the same cached dataset before job A publishes it; A's dataset
     (which A's trials already read) must outlive B's finishing."""
     from hilomoe.data.dataset import DatasetWriter
-    from hilomoe.train.driver import synth_dataset
+    from hilomoe.distributed.runtime import synth_dataset
 
     monkeypatch.setenv("HILOMOE_CACHE", str(tmp_path / "cache"))
     cfg = parse_config(TRAIN)
@@ -267,7 +267,7 @@ def test_a_dataset_synthesised_twice_at_once_keeps_the_first(tmp_path, monkeypat
 
 
 def test_threads_synthesising_the_same_dataset_get_one_whole_dataset(tmp_path, monkeypatch):
-    from hilomoe.train.driver import synth_dataset
+    from hilomoe.distributed.runtime import synth_dataset
 
     monkeypatch.setenv("HILOMOE_CACHE", str(tmp_path / "cache"))
     cfg = parse_config(TRAIN)

@@ -16,7 +16,7 @@ from hilomoe.data.checks import RowRules
 from hilomoe.data.readers import ParquetBatches
 from hilomoe.data.synth import BayesAccumulator, write_synth
 from hilomoe.session import train_local
-from hilomoe.engine.metrics import auc, logloss
+from hilomoe.metrics import auc, logloss
 
 from helpers import handwritten, with_value
 
@@ -197,7 +197,7 @@ def sorted_rows(rows: np.ndarray) -> np.ndarray:
 
 @pytest.mark.slow
 def test_ray_data_streams_the_same_batches_as_the_pyarrow_reader(ray_local, synth_dir):
-    from hilomoe.data.ray_data import RayBatches, open_ray_split
+    from hilomoe.distributed.ray_data import RayBatches, open_ray_split
 
     ds = open_dataset(synth_dir)
 
@@ -245,7 +245,7 @@ def test_row_group_read_tasks_cover_every_row_once_and_reshuffle_per_execution(s
     import pyarrow.parquet as pq
     from ray.data import DataContext
 
-    from hilomoe.data.ray_source import ParquetRowGroups
+    from hilomoe.distributed.ray_source import ParquetRowGroups
 
     files = open_dataset(synth_dir).files("train")
     expected = _table_rows(pq.read_table(f) for f in files)
@@ -274,7 +274,7 @@ def test_row_group_read_tasks_cover_every_row_once_and_reshuffle_per_execution(s
 def test_a_read_task_names_a_file_that_went_bad(tmp_path, synth_dir):
     import shutil
 
-    from hilomoe.data.ray_source import ParquetRowGroups
+    from hilomoe.distributed.ray_source import ParquetRowGroups
 
     shutil.copytree(synth_dir, tmp_path / "d")
     files = open_dataset(tmp_path / "d").files("valid")
@@ -290,14 +290,14 @@ def test_ray_read_tasks_do_not_import_torch():
     import subprocess
     import sys
 
-    code = ("import sys, hilomoe.data.ray_source, hilomoe.data.parquet; "
+    code = ("import sys, hilomoe.distributed.ray_source, hilomoe.data.parquet; "
             "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if 'torch' in m)")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
 @pytest.mark.slow
 def test_an_evaluation_shard_is_kept_after_its_first_pass(ray_local, synth_dir):
-    from hilomoe.data.ray_data import RayBatches, open_ray_split
+    from hilomoe.distributed.ray_data import RayBatches, open_ray_split
 
     ds = open_dataset(synth_dir)
 
@@ -415,7 +415,7 @@ def test_the_reader_refuses_values_outside_their_field(tmp_path, case):
     """An id outside its field's vocabulary would read another field's embedding rows; a label
     outside {0, 1} or a NaN numeric would poison the loss: refused in one sentence naming the
     shard, the field and the value, by the pyarrow reader and by the Ray Data read tasks."""
-    from hilomoe.data.ray_source import ParquetRowGroups
+    from hilomoe.distributed.ray_source import ParquetRowGroups
 
     values, message = BAD_VALUES[case]
     ds = open_dataset(handwritten(tmp_path / "ds", **values))  # the footers are fine

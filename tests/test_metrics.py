@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from hilomoe.engine.losses import balance_loss, diversity_loss, z_loss
-from hilomoe.engine.metrics import RoutingStats, auc, logloss
+from hilomoe.engine.metrics import RoutingStats
+from hilomoe.metrics import auc, logloss
 from hilomoe.model.routing import Routing
 
 

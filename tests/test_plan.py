@@ -18,7 +18,7 @@ from hilomoe.study.plan import (
 )
 from hilomoe.study.space import SearchSpace
 from hilomoe.study.spec import parse_study
-from hilomoe.train.driver import dataset_path
+from hilomoe.distributed.runtime import dataset_path
 
 TRAIN = {"data": {"synth": {"rows": 3000, "categorical_fields": 4, "vocab_size": 10,
                             "numeric_fields": 1, "depth": 2, "branching": 3}},

@@ -17,7 +17,7 @@ from hilomoe.config import parse_config
 from hilomoe.data.dataset import open_dataset
 from hilomoe.data.synth import write_synth
 from hilomoe.errors import HilomoeError
-from hilomoe.study.driver import StudyRun
+from hilomoe.study.run_dir import StudyRun
 from hilomoe.tracking.records import save_record
 from hilomoe.study.recommend import load_recommendations, recommend
 from hilomoe.study.spec import parse_study

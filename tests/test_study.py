@@ -86,7 +86,7 @@ def test_resume_needs_a_study_directory_and_the_same_file(workdir):
     study = write_study(workdir / "s.yaml")
     res = hilomoe("study", "run", str(study), "--resume", "--out", "nowhere", check=False)
     assert res.returncode == 2 and "not a study directory" in res.stderr
-    from hilomoe.study.driver import STUDY_FILE, StudyRun
+    from hilomoe.study.run_dir import STUDY_FILE, StudyRun
     from hilomoe.study.spec import load_study
 
     (workdir / "st").mkdir()
@@ -103,7 +103,7 @@ def test_resume_needs_a_study_directory_and_the_same_file(workdir):
 def test_inside_a_ray_job_the_default_study_directory_is_a_stable_place(workdir, monkeypatch):
     """A Ray job's working directory belongs to Ray: without --out, a study asks for one (or
     goes under $HILOMOE_HOME) instead of dying mid-way when Ray replaces the directory."""
-    from hilomoe.train.driver import runs_dir
+    from hilomoe.distributed.runtime import runs_dir
 
     study = write_study(workdir / "s.yaml")
     job = {"RAY_JOB_CONFIG_JSON_ENV_VAR": "{}"}  # what Ray's job supervisor sets

@@ -404,8 +404,9 @@ def test_resume_refuses_changed_data_and_allows_a_new_pace(tmp_path, monkeypatch
     sentence. Only the pace (concurrency, time limit) may change on resume."""
     from hilomoe.config import PlantedData
     from hilomoe.errors import DatasetError, HilomoeError
-    from hilomoe.study.driver import StudyRun, _open_run
-    from hilomoe.train.driver import TrainRun
+    from hilomoe.study.driver import _open_run
+    from hilomoe.study.run_dir import StudyRun
+    from hilomoe.distributed.driver import TrainRun
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     data = tmp_path / "ds"

@@ -24,7 +24,8 @@ from hilomoe.data.readers import ParquetBatches
 from hilomoe.engine.local import build_model
 from hilomoe.engine.loop import Engine
 from hilomoe.model import RoutingMode
-from hilomoe.train import ResourceError, plan_workers
+from hilomoe.distributed.resources import ResourceError, plan_workers
+from hilomoe.distributed.worker import FAULT_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -85,8 +86,6 @@ def test_requests_that_cannot_fit_are_refused_in_one_sentence(settings, cluster,
     ({"model": {"moe": {"rank": 0}}}, "model.moe.rank: Input should be greater than or equal to 1"),
     ({"ray": {"workerz": 2}}, "ray.workerz: unknown key"),
     ({"ray": {"eval_cache_mb": -1}}, "ray.eval_cache_mb: Input should be greater than or equal to 0"),
-    ({"ray": {"workers": 2, "fail_at": {"stage": "joint", "rank": 2}}},
-     "ray.fail_at.rank (2) must be below ray.workers (2)"),
     ({"data": {"path": "/no/such/dataset"}}, "/no/such/dataset"),
 ])
 def test_bad_configuration_is_rejected_before_ray_starts(tmp_path, change, fragment):
@@ -104,7 +103,7 @@ def test_bad_configuration_is_rejected_before_ray_starts(tmp_path, change, fragm
 
 
 def _run(tmp_path: Path, raw: dict, name: str = "run"):
-    from hilomoe.train import TrainRun, train_ray
+    from hilomoe.distributed.driver import TrainRun, train_ray
 
     events: list[dict] = []
     cfg = parse_config(raw, "test")
@@ -154,9 +153,9 @@ def test_two_workers_report_exact_metrics_equal_to_one_process(ray_local, tmp_pa
 
 
 @pytest.mark.slow
-def test_a_killed_worker_restarts_from_the_last_checkpoint(ray_local, tmp_path):
-    fault = {"stage": "experts", "epoch": 1, "rank": 1}
-    summary, events = _run(tmp_path, tiny(workers=2, max_failures=1, fail_at=fault))
+def test_a_killed_worker_restarts_from_the_last_checkpoint(ray_local, tmp_path, monkeypatch):
+    monkeypatch.setenv(FAULT_ENV, json.dumps({"stage": "experts", "epoch": 1, "rank": 1}))
+    summary, events = _run(tmp_path, tiny(workers=2, max_failures=1))
     assert (Path(summary["out_dir"]) / ".fault-injected").read_text().split() == ["experts", "1",
                                                                                   "1"]
     # every epoch exactly once in the final report, and no finished stage ran again
@@ -170,15 +169,16 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint(ray_local, tmp_path):
 
 @pytest.mark.slow
 def test_sharded_tables_resume_after_a_worker_kill_with_the_uninterrupted_results(ray_local,
-                                                                                  tmp_path):
+                                                                                  tmp_path,
+                                                                                  monkeypatch):
     """Two workers, TorchRec tables sharded between them (each checkpoint holds one shard file
     per rank, with the fused row-wise optimiser state): a worker killed mid-stage restarts the
     group from the last checkpoint, and the run ends with exactly the metrics of a run that
     was never interrupted (both read their rows with pyarrow, in a seeded order)."""
     raw = tiny(workers=2, reader="parquet", max_failures=1)
     clean, _ = _run(tmp_path, raw, "clean")
-    killed, _ = _run(tmp_path, {**raw, "ray": {**raw["ray"], "fail_at": {
-        "stage": "joint", "epoch": 0, "rank": 1}}}, "killed")
+    monkeypatch.setenv(FAULT_ENV, json.dumps({"stage": "joint", "epoch": 0, "rank": 1}))
+    killed, _ = _run(tmp_path, raw, "killed")
     assert (Path(killed["out_dir"]) / ".fault-injected").exists()
     assert _epochs(killed["history"]) == _epochs(clean["history"]) == EXPECTED
     assert killed["test"] == clean["test"]

@@ -59,7 +59,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     overrides = {"data.path": args.data, "ray.workers": args.workers,
                  "ray.gpu": True if args.gpu else None, "ray.storage": args.storage,
-                 "ray.compile": True if args.compile else None,
+                 "runtime.compile": True if args.compile else None,
                  "ray.max_failures": args.max_failures, "ray.reader": args.reader}
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if overrides:
@@ -77,8 +77,8 @@ def _train_ray(args: argparse.Namespace, cfg) -> int:
     import time
     from pathlib import Path
 
-    from hilomoe.train import TrainRun, train_ray
-    from hilomoe.train.driver import runs_dir
+    from hilomoe.distributed.driver import TrainRun, train_ray
+    from hilomoe.distributed.runtime import runs_dir
 
     if cfg is None:
         run = TrainRun.load(args.resume)
@@ -141,7 +141,7 @@ def cmd_study_run(args: argparse.Namespace) -> int:
     from hilomoe.study.console import TrialTable, print_study
     from hilomoe.study.driver import run_study
     from hilomoe.study.space import SearchSpace
-    from hilomoe.train.driver import runs_dir
+    from hilomoe.distributed.runtime import runs_dir
 
     spec = _study_spec(args)
     study_dir = Path(args.out or runs_dir(spec.name))
@@ -173,7 +173,7 @@ def _study_spec(args: argparse.Namespace):
 def cmd_study_plan(args: argparse.Namespace) -> int:
     from hilomoe.study.console import print_plan
     from hilomoe.study.plan import plan_study
-    from hilomoe.train.driver import cache_dir, dataset_path
+    from hilomoe.distributed.runtime import cache_dir, dataset_path
 
     spec = _study_spec(args)
     plan = plan_study(spec, dataset_path(spec.train), str(cache_dir()), steps=args.steps)
@@ -283,7 +283,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
 def _cache_root(args: argparse.Namespace):
     from pathlib import Path
 
-    from hilomoe.train.driver import cache_dir
+    from hilomoe.distributed.runtime import cache_dir
 
     return Path(args.dir) if args.dir else cache_dir()
 

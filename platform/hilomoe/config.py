@@ -245,16 +245,20 @@ class StagesConfig(Strict):
 
 
 # ----------------------------------------------------------------------------------------------
-# distributed training (Ray Train)
+# how training runs: everywhere (runtime), and on Ray Train (ray)
 
 
-class FaultInjection(Strict):
-    """A test hook: worker `rank` kills its own process once, halfway through `epoch` of `stage`,
-    so that Ray Train's failure handling restarts the group from the last checkpoint."""
+class RuntimeConfig(Strict):
+    """How the model computes, wherever it trains (`--local`, Ray Train, a study's trials)."""
 
-    stage: StageName
-    epoch: int = Field(0, ge=0)
-    rank: int = Field(0, ge=0)
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto: bf16 autocast on GPUs that support it, fp32 elsewhere")
+    compile: bool = Field(False, description="torch.compile the model")
+
+
+# settings that moved from `ray:` to `runtime:`; a configuration that still gives them under
+# `ray:` means the same
+RUNTIME_KEYS = tuple(RuntimeConfig.model_fields)
 
 
 class RayConfig(Strict):
@@ -266,9 +270,6 @@ class RayConfig(Strict):
         None, gt=0.0, description="default: the cluster's CPUs, less data_cpus, shared out")
     data_cpus: float | None = Field(
         None, ge=1.0, description="CPUs kept free for Ray Data's read tasks (default max(1, 10%))")
-    precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="auto: bf16 autocast on GPUs that support it, fp32 elsewhere")
-    compile: bool = Field(False, description="torch.compile the model")
     max_failures: int = Field(2, ge=0, description="worker-group restarts before giving up")
     keep_checkpoints: int = Field(2, ge=1, description="best checkpoints kept, by validation AUC")
     storage: str | None = Field(None, description="checkpoint storage: a directory or a URI")
@@ -281,7 +282,6 @@ class RayConfig(Strict):
         "ray_data", description="ray_data: each worker streams its shard from Ray Data; "
         "parquet: each worker reads its own rows of the files with pyarrow (every worker must "
         "see the dataset path: one machine, a shared filesystem, or a cloud URI)")
-    fail_at: FaultInjection | None = None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -294,7 +294,28 @@ class TrainConfig(Strict):
     model: ModelConfig = ModelConfig()
     stages: StagesConfig = StagesConfig()
     eval_batch_size: int = Field(4096, ge=1)
+    runtime: RuntimeConfig = RuntimeConfig()
     ray: RayConfig = RayConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _runtime_from_ray(cls, raw: Any) -> Any:
+        """`ray.precision` and `ray.compile` (where they were first) are read as `runtime.*`;
+        a key given in both places must agree."""
+        if not isinstance(raw, dict) or not isinstance(raw.get("ray"), dict):
+            return raw
+        moved = {k: v for k, v in raw["ray"].items() if k in RUNTIME_KEYS}
+        if not moved:
+            return raw
+        runtime = raw.get("runtime") or {}
+        if not isinstance(runtime, dict):
+            return raw
+        for key, value in moved.items():
+            if key in runtime and runtime[key] != value:
+                raise ValueError(f"ray.{key} ({value!r}) and runtime.{key} ({runtime[key]!r}) "
+                                 f"disagree; give it once, under runtime")
+        ray = {k: v for k, v in raw["ray"].items() if k not in RUNTIME_KEYS}
+        return {**raw, "ray": ray, "runtime": {**moved, **runtime}}
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
@@ -306,10 +327,6 @@ class TrainConfig(Strict):
                 "stages.base.enabled must be true for a model without experts "
                 "(variant 'dense' or levels 0 trains only in the base stage)"
             )
-        fault = self.ray.fail_at
-        if fault and fault.rank >= self.ray.workers:
-            raise ValueError(f"ray.fail_at.rank ({fault.rank}) must be below ray.workers "
-                             f"({self.ray.workers})")
         return self
 
     def effective(self) -> TrainConfig:
@@ -337,6 +354,8 @@ class TrainConfig(Strict):
         merges into the mapping at its path."""
         raw = self.model_dump(mode="json")
         for path, value in changes.items():
+            if path.startswith("ray.") and path[4:] in RUNTIME_KEYS:  # where it was first
+                path = "runtime." + path[4:]
             node = raw
             *parents, leaf = path.split(".")
             for key in parents:
@@ -395,3 +414,39 @@ def load_config(path: str | Path, model: type[BaseModel] = TrainConfig):
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError(f"{p}: not valid YAML{where}: {getattr(err, 'problem', err)}.") from None
     return parse_config(raw, str(p), model)
+
+
+# ----------------------------------------------------------------------------------------------
+# plain data with a typed view
+
+
+class TypedView:
+    """A validated, cached view of a dataclass field that holds a model's JSON form.
+
+        @dataclass
+        class TrainRun:
+            config: dict                                    # what is saved, pickled, sent to Ray
+            cfg = TypedView("config", lambda run: f"{run.out_dir}/run.json")
+
+    The JSON form travels (run files, Ray's train_loop_config, Tune's pickled trainables); the
+    view is validated the first time it is read and again only when the field is replaced.
+    `parse(raw, source)` validates (default: `parse_config` into a TrainConfig); `source` names
+    the origin in its error messages, a string or a function of the instance.
+    """
+
+    def __init__(self, field: str, source: str | Any = "config", parse: Any = None):
+        self.field, self.source = field, source
+        self.parse = parse or (lambda raw, source: parse_config(raw, source))
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.cache = f"_{name}_view"
+
+    def __get__(self, obj: Any, owner: type | None = None) -> Any:
+        if obj is None:
+            return self
+        raw = getattr(obj, self.field)
+        cached = obj.__dict__.get(self.cache)
+        if cached is None or cached[0] is not raw:  # first read, or the field was replaced
+            source = self.source(obj) if callable(self.source) else self.source
+            cached = obj.__dict__[self.cache] = (raw, self.parse(raw, source))
+        return cached[1]

@@ -12,7 +12,10 @@ from __future__ import annotations
 import json
 import math
 import numbers
+from pathlib import Path
 from typing import Any
+
+from hilomoe.errors import HilomoeError
 
 
 def finite(obj: Any) -> Any:
@@ -31,3 +34,12 @@ def finite(obj: Any) -> Any:
 def dumps(obj: Any, **kwargs: Any) -> str:
     """`json.dumps` of `finite(obj)`, never writing NaN or Infinity (other keywords as json's)."""
     return json.dumps(finite(obj), allow_nan=False, **kwargs)
+
+
+def read_dict(path: str | Path, missing: str) -> dict:
+    """The JSON object in the file at `path` (a run's or a study's identity); HilomoeError
+    `missing` when there is no such file."""
+    path = Path(path)
+    if not path.is_file():
+        raise HilomoeError(missing)
+    return json.loads(path.read_text())

@@ -4,7 +4,7 @@
     summary = session.run()                                # resumes from reporter.restore()
 
 Every way of training goes through here: `hilomoe train --local` (`train_local`: a reporter
-that prints), each Ray Train worker (train/worker.py: `ray.train.report`, the rank's process
+that prints), each Ray Train worker (distributed/worker.py: `ray.train.report`, the rank's process
 group) and each Ray Tune trial (study/trial.py: `tune.report`, plus the study's caches). The
 session owns what they share: the model and engine of this rank, resuming from the last
 checkpoint, the metrics and checkpoint files of every epoch, and the summary at the end. It
@@ -113,9 +113,9 @@ def summarize(result: dict, cfg: TrainConfig, data: Data, seconds: float, world:
 
 def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
     """bf16 autocast where asked, or by default on GPUs that support it; None: fp32."""
-    if cfg.ray.precision == "bf16":
+    if cfg.runtime.precision == "bf16":
         return torch.bfloat16
-    if cfg.ray.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported():
+    if cfg.runtime.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return None
 
@@ -187,7 +187,7 @@ class Session:
                  facts: dict | None = None):
         self.cfg, self.data, self.reporter = cfg, data, reporter
         device = torch.device(device)
-        self.parallel = parallel or Parallel.current(device, cfg.ray.compile)
+        self.parallel = parallel or Parallel.current(device, cfg.runtime.compile)
         model = build_model(cfg, data.schema, device, sharded=self.parallel.world > 1)
         self.engine = Engine(model, cfg.stages, device, parallel=self.parallel,
                              autocast=autocast_dtype(cfg, device), keep_stage_models=True)
@@ -308,6 +308,6 @@ def train_local(cfg: TrainConfig, on_epoch: Callable[[EpochRecord], None] | None
     """Train through every enabled stage in this process; return a JSON-ready summary."""
     t0 = time.perf_counter()
     data = data or load_data(cfg)
-    summary = Session(cfg, data, _Console(on_epoch), device, Parallel(device=torch.device(device))).run()
+    summary = Session(cfg, data, _Console(on_epoch), device, Parallel.single(cfg, device)).run()
     summary["seconds"] = time.perf_counter() - t0
     return summary

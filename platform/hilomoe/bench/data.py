@@ -53,7 +53,7 @@ def _ray_rows(ds, batch: int) -> list[Row]:
     os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")  # no per-execution INFO lines
     import ray.data
 
-    from hilomoe.data.ray_data import RayBatches, open_ray_split
+    from hilomoe.distributed.ray_data import RayBatches, open_ray_split
 
     started = not ray.is_initialized()
     if started:

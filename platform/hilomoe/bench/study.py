@@ -30,7 +30,7 @@ from hilomoe.study.spec import load_study, parse_study
 
 def run(study: str, trials: int | None = None) -> dict:
     from hilomoe.study.driver import run_study
-    from hilomoe.train.driver import dataset_path
+    from hilomoe.distributed.runtime import dataset_path
 
     spec = load_study(study)
     if trials is not None:

@@ -119,7 +119,7 @@ def gpu_row(cfg: TrainConfig, ds: Dataset, device: str) -> Row:
     for src in sources.values():
         src.cat, src.num, src.label = (t.to(device) for t in (src.cat, src.num, src.label))
     clock = _Clock()
-    summary = train_local(cfg.with_overrides(**{"ray.precision": "bf16"}), clock,
+    summary = train_local(cfg.with_overrides(**{"runtime.precision": "bf16"}), clock,
                           Data(ds.schema, sources), device=device)
     row = clock.row(f"memory_{device}", summary)
     flops = model_cost(ds.schema, cfg.model, batch=cfg.stages.base.batch_size).flops
@@ -154,8 +154,8 @@ def run(config: str = "studies/train_example.yaml", rows: int = 1_250_000, epoch
         results = [local("memory_ceiling", memory), local("local_parquet", parquet_sources(ds, cfg))]
         import ray
 
-        from hilomoe.train import TrainRun, train_ray
-        from hilomoe.train.driver import connect_ray
+        from hilomoe.distributed.driver import TrainRun, train_ray
+        from hilomoe.distributed.runtime import connect_ray
 
         started = connect_ray()
         try:

@@ -1,7 +1,7 @@
 """Data: the batch type, in-memory sources, and the planted synthetic problem.
 
 `Batch` and `TensorBatches` load on first use: Ray's read-task processes import submodules
-(`hilomoe.data.parquet`, `hilomoe.data.ray_source`) that must not pull torch in.
+(`hilomoe.data.parquet`, from `hilomoe.distributed.ray_source`) that must not pull torch in.
 """
 
 __all__ = ["Batch", "TensorBatches"]

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from hilomoe.config import PlantedData
-from hilomoe.engine.metrics import auc, logloss
+from hilomoe.metrics import auc, logloss
 from hilomoe.schema import FeatureSchema
 
 

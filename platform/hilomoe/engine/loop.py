@@ -26,7 +26,7 @@ from torch import nn
 from hilomoe.config import StageName, StagesConfig
 from hilomoe.data.batches import Batch
 from hilomoe.engine.losses import objective
-from hilomoe.engine.metrics import RoutingStats, auc, logloss
+from hilomoe.engine.metrics import Predictions, RoutingStats
 from hilomoe.engine.optimizers import make_optimizer, make_table_optimizer
 from hilomoe.engine.parallel import Parallel
 from hilomoe.engine.stages import StageSetup, prepare_stage, stage_plan
@@ -114,26 +114,6 @@ def stage_results(history: Iterable[EpochRecord]) -> dict[str, StageResult]:
     for record in history:
         out.setdefault(record.stage, StageResult(record.stage)).history.append(record)
     return out
-
-
-@dataclass
-class Predictions:
-    labels: np.ndarray  # (N,)
-    probs: np.ndarray  # (N,)
-    routing: RoutingStats
-
-    def metrics(self) -> dict[str, float]:
-        return {"auc": auc(self.labels, self.probs), "logloss": logloss(self.labels, self.probs),
-                **self.routing.summary()}
-
-    @staticmethod
-    def concat(parts: list[Predictions]) -> Predictions:
-        """Every worker's predictions as one: exact metrics over the whole split."""
-        routing = RoutingStats()
-        for p in parts:
-            routing.merge(p.routing)
-        return Predictions(np.concatenate([p.labels for p in parts]),
-                           np.concatenate([p.probs for p in parts]), routing)
 
 
 class Engine:

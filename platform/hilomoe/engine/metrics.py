@@ -1,35 +1,17 @@
-"""Evaluation metrics: exact AUC, logloss, and routing statistics of MoE layers."""
+"""Evaluation of a model: routing statistics of MoE layers, and a split's predictions with
+their metrics (exact AUC and logloss: `hilomoe.metrics`)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy.stats import rankdata
 
+from hilomoe.metrics import auc, logloss
 from hilomoe.model.routing import Routing
 
-
-def auc(labels, scores) -> float:
-    """Exact ROC AUC by the rank statistic (Mann-Whitney U), tied scores sharing their mean rank.
-
-    AUC = (sum of positive ranks - P (P + 1) / 2) / (P N); NaN when a class is absent.
-    """
-    y = np.asarray(labels).ravel() > 0.5
-    s = np.asarray(scores, dtype=np.float64).ravel()
-    n_pos = int(y.sum())
-    n_neg = y.size - n_pos
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    ranks = rankdata(s, method="average")
-    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
-
-
-def logloss(labels, probs, eps: float = 1e-7) -> float:
-    """Mean binary cross-entropy, probabilities clipped to [eps, 1 - eps]."""
-    y = np.asarray(labels, dtype=np.float64).ravel()
-    p = np.clip(np.asarray(probs, dtype=np.float64).ravel(), eps, 1.0 - eps)
-    return float(-np.mean(y * np.log(p) + (1.0 - y) * np.log1p(-p)))
+__all__ = ["Predictions", "RoutingStats"]
 
 
 class RoutingStats:
@@ -98,3 +80,23 @@ class RoutingStats:
             out[f"level{level + 1}_entropy"] = float(np.mean(ent))
         out["paths"] = float(np.mean(self.paths))
         return out
+
+
+@dataclass
+class Predictions:
+    labels: np.ndarray  # (N,)
+    probs: np.ndarray  # (N,)
+    routing: RoutingStats
+
+    def metrics(self) -> dict[str, float]:
+        return {"auc": auc(self.labels, self.probs), "logloss": logloss(self.labels, self.probs),
+                **self.routing.summary()}
+
+    @staticmethod
+    def concat(parts: list[Predictions]) -> Predictions:
+        """Every worker's predictions as one: exact metrics over the whole split."""
+        routing = RoutingStats()
+        for p in parts:
+            routing.merge(p.routing)
+        return Predictions(np.concatenate([p.labels for p in parts]),
+                           np.concatenate([p.probs for p in parts]), routing)

@@ -20,8 +20,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from hilomoe.config import TrainConfig
+
 if TYPE_CHECKING:
-    from hilomoe.engine.loop import Predictions
+    from hilomoe.engine.metrics import Predictions
 
 
 @dataclass
@@ -36,6 +38,11 @@ class Parallel:
         if dist.is_available() and dist.is_initialized():
             return cls(dist.get_rank(), dist.get_world_size(), torch.device(device), compile)
         return cls(device=torch.device(device), compile=compile)
+
+    @classmethod
+    def single(cls, cfg: TrainConfig, device: torch.device | str = "cpu") -> Parallel:
+        """This process alone (whatever process group exists), compiling as `cfg` asks."""
+        return cls(device=torch.device(device), compile=cfg.runtime.compile)
 
     def wrap(self, module: nn.Module) -> nn.Module:
         if self.world > 1:

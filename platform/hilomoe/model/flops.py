@@ -32,10 +32,10 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from hilomoe.config import MoEConfig, ModelConfig, Variant
+from hilomoe.config import MoEConfig, ModelConfig, TrainConfig, Variant
 from hilomoe.model.ctr import projection_specs
 from hilomoe.schema import FeatureSchema
-from hilomoe.model import fused
+import hilomoe.model.fused as fused
 from hilomoe.model.routing import RoutingMode
 
 
@@ -133,6 +133,14 @@ def model_cost(
         total = total + part
     total.parts = parts
     return total
+
+
+def trial_cost(cfg: TrainConfig, schema: FeatureSchema) -> dict:
+    """FLOPs per sample and parameter counts of a training configuration: known before
+    training, reported with every result of a study trial (an objective may minimise them)."""
+    c = model_cost(schema, cfg.model, batch=cfg.eval_batch_size).as_dict()
+    return {"flops": c["flops_analytic"], "params_total": c["params_total"],
+            "params_active": c["params_active"], "params_embedding": c["params_embedding"]}
 
 
 # ----------------------------------------------------------------------------------------------

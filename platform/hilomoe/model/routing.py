@@ -27,7 +27,7 @@ from functools import cached_property
 import torch
 from torch import Tensor
 
-from hilomoe.model import fused
+import hilomoe.model.fused as fused
 
 
 class RoutingMode(str, Enum):

@@ -80,7 +80,7 @@ def source_hash() -> str:
 def run_environment(cfg: TrainConfig, device: str | torch.device) -> dict:
     """How a result was computed, beyond its inputs: the package version and the training
     code's source, torch's version, the device type and the precision it trained in (bf16
-    autocast where `ray.precision` asks for it or `auto` finds a GPU that supports it)."""
+    autocast where `runtime.precision` asks for it or `auto` finds a GPU that supports it)."""
     device = torch.device(device)
     dtype = autocast_dtype(cfg, device)
     return {"hilomoe": hilomoe.__version__, "source": source_hash(),

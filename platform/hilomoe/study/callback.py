@@ -17,11 +17,11 @@ from typing import Any, Callable
 from ray.tune import Callback
 
 from hilomoe import jsonio
+from hilomoe.model.flops import trial_cost
 from hilomoe.report.diagnostics import flat
 from hilomoe.report.fields import DESIGN_AXIS, REPEAT_OF
-from hilomoe.study.driver import EVENTS_FILE, RUNS_FILE, StudyRun
+from hilomoe.study.run_dir import EVENTS_FILE, RUNS_FILE, StudyRun
 from hilomoe.study.space import SearchSpace
-from hilomoe.study.trial import trial_cost
 from hilomoe.tracking.records import save_record, trial_record, write_json
 
 EPOCH_PREFIXES = ("train_", "valid_")

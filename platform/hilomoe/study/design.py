@@ -28,7 +28,7 @@ from pydantic import Field, model_validator
 from hilomoe.config import ConfigError, Strict, TrainConfig
 from hilomoe.report.fields import DESIGN_AXIS, FIXED, SETTING
 from hilomoe.report.pareto import best, usable
-
+from hilomoe.study.keys import config_key
 
 Axis = Literal["experts", "levels", "rank", "mlp_width", "train_size"]
 MIN_VALUES = 6  # distinct values per axis: a law and its held-out check (scaling.py)
@@ -99,8 +99,6 @@ def design_center(records: list[dict]) -> dict | None:
 
 def design_points(design: LawDesign, fixed: TrainConfig, records: list[dict]) -> list[dict]:
     """Tune points for every grid point not trained yet, axis by axis."""
-    from hilomoe.study.space import config_key
-
     center = design_center(records)
     if center is None or not design.axes:
         return []

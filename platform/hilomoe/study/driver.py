@@ -17,74 +17,33 @@ a tracking server that goes away costs buffered metrics, not trials.
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import os
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
 from hilomoe import jsonio
 from hilomoe.errors import HilomoeError
-from hilomoe.study.space import SearchSpace
-from hilomoe.study.spec import StudySpec, parse_study
-from hilomoe.tracking.records import RESULT_FILE, best_record, load_records, write_json
-from hilomoe.study.design import design_points
-from hilomoe.study.trial import TRIAL_CPU, TrialContext, run_trial
 from hilomoe.report.verdict import MODEL, repeat_points, search_records
+from hilomoe.study.design import design_points
+from hilomoe.study.run_dir import (EVENTS_FILE, PHASE_DIRS, RESULT_FILE, STUDY_FILE, StudyRun,
+                                   read_events)
+from hilomoe.study.space import SearchSpace
+from hilomoe.study.spec import StudySpec
+from hilomoe.study.trial import TRIAL_CPU, run_trial
+from hilomoe.tracking.records import best_record, load_records, write_json
 
-RUNS_FILE = "mlflow_runs.json"  # trial id -> MLflow child run (kept by the study's callback)
-EVENTS_FILE = "events.jsonl"  # trial starts, epochs, ends, recoveries and warnings, timed
-
-STUDY_FILE = "study.json"
-TUNE_DIR = "tune"
-# each phase's Tuner: the search, then the law designs (study/design.py), then the repeats
-# behind the verdict (report/verdict.py)
-PHASE_DIRS = {"search": TUNE_DIR, "design": "tune_design", "repeats": "tune_repeats"}
-
-
-@dataclass
-class StudyRun:
-    """A study directory's identity: what is searched, on which data, tracked where."""
-
-    study_dir: str
-    spec: dict  # StudySpec, JSON form
-    dataset: str
-    experiment: str  # MLflow experiment
-    tracking_uri: str
-    parent_run_id: str | None = None
-    cache_dir: str | None = None
-    dataset_hash: str = ""  # Dataset.fingerprint() when the study started: resume pins it
-
-    @functools.cached_property
-    def study(self) -> StudySpec:
-        """Validated once (every corner of the space), however often it is asked for."""
-        return parse_study(self.spec, str(Path(self.study_dir) / STUDY_FILE))
-
-    def save(self) -> None:
-        write_json(Path(self.study_dir) / STUDY_FILE, asdict(self))
-
-    @classmethod
-    def load(cls, study_dir: str | Path) -> StudyRun:
-        path = Path(study_dir) / STUDY_FILE
-        if not path.is_file():
-            raise HilomoeError(f"{study_dir}: not a study directory (no {STUDY_FILE}); --resume "
-                               f"continues a study started with the same --out.")
-        return cls(**json.loads(path.read_text()))
-
-    def context(self) -> TrialContext:
-        budget = self.study.budget
-        return TrialContext(self.spec, self.dataset, self.study_dir, self.cache_dir,
-                            threads=max(1, int(budget.cpus_per_trial)))
+# StudyRun and STUDY_FILE are also imported from here (`hilomoe study recommend`)
+__all__ = ["STUDY_FILE", "StudyRun", "run_study"]
 
 
 def _open_run(spec: StudySpec, study_dir: Path, resume: bool, cache: bool) -> StudyRun:
     from hilomoe.data.dataset import check_unchanged, open_dataset
+    from hilomoe.distributed.runtime import cache_dir, dataset_path
     from hilomoe.tracking.retry import tracking_uri
-    from hilomoe.train.driver import cache_dir, dataset_path
 
     if resume:
         run = StudyRun.load(study_dir)
@@ -183,7 +142,7 @@ def _check_fits(spec: StudySpec, cluster: dict, fixed: bool,
         warn(f"budget: {need} do not fit the cluster as it is now ({cpus:g} CPU, {gpus:g} "
              f"GPU); trials wait until the autoscaler adds nodes.")
     if b.workers_per_trial > 1:
-        from hilomoe.train.resources import plan_workers
+        from hilomoe.distributed.resources import plan_workers
 
         plan_workers(spec.train.ray.model_copy(update={"workers": b.workers_per_trial,
                                                        "gpu": b.gpus_per_trial > 0}),
@@ -259,8 +218,8 @@ def _warner(console: Callable[[dict], None] | None, study_dir: str) -> Callable[
 
 def _drive(run: StudyRun, resume: bool, console: Callable[[dict], None] | None,
            t0: float, plan: dict, register: str | None = None) -> dict:
+    from hilomoe.distributed.runtime import connect_ray
     from hilomoe.tracking.runs import Tracker
-    from hilomoe.train.driver import connect_ray
 
     spec, warn = run.study, _warner(console, run.study_dir)
     tracker = Tracker(run.experiment, run.tracking_uri, on_warning=warn)
@@ -335,7 +294,7 @@ def _conclude(run: StudyRun, tracker, wall_s: float, plan: dict,
     everything = load_records(study_dir)
     # the plan's own calibration is not part of what it predicts
     cost = compare(plan, wall_s - plan["calibration"]["seconds"], everything,
-                   _events(study_dir))
+                   read_events(study_dir))
     records = search_records(everything)  # the repeats only feed the headline
     # a trial a killed driver had started after Tune's last snapshot is gone for good (Tune
     # sampled another in its place): its MLflow run ends as KILLED, not RUNNING forever
@@ -347,9 +306,31 @@ def _conclude(run: StudyRun, tracker, wall_s: float, plan: dict,
     best = best_record(spec, records)
     if best is not None and best.get("checkpoint"):
         _log_best_model(run, tracker, best, register)
+    summary = _summary(run, best, report, cost, everything, records, wall_s)
+    summary["mlflow_url"] = tracker.view_url(ui_base(run.tracking_uri))
+    counts = summary["counts"]
+    tracker.log_study_metrics({"best_valid_auc": best["valid_auc"] if best else float("nan"),
+                               "trials_completed": counts["completed"],
+                               "trials_pruned": counts["pruned"],
+                               "trials_failed": counts["failed"],
+                               "stage1_reused": summary["stage1_reused"],
+                               "stage1_saved_s": summary["stage1_saved_s"]})
+    tracker.log_study_artifacts(study_dir / "report")
+    summary["mlflow_complete"] = tracker.finish_study("FINISHED")
+    if run.parent_run_id is None and tracker.parent_run_id:  # created once MLflow came back
+        run.parent_run_id = summary["mlflow_run_id"] = tracker.parent_run_id
+        run.save()
+    write_json(study_dir / RESULT_FILE, summary)
+    return summary
+
+
+def _summary(run: StudyRun, best: dict | None, report, cost: dict, everything: list[dict],
+             records: list[dict], wall_s: float) -> dict:
+    """The study's result: the best trial, the headline and laws, what it cost and saved, and
+    where it is (the MLflow view's address aside, which the tracker knows)."""
     reused = [r for r in records if r["stage1_reused"]]
     counts = {s: sum(r["status"] == s for r in records) for s in ("completed", "pruned", "failed")}
-    summary = {
+    return {
         "best": None if best is None else {
             "trial_id": best["trial_id"], "params": best["params"],
             "config": run.context().config_from(best["params"]).model_dump(mode="json"),
@@ -369,26 +350,12 @@ def _conclude(run: StudyRun, tracker, wall_s: float, plan: dict,
         "trials_saved_s": sum(r.get("trial_saved_s", 0.0) for r in records),
         "train_s": sum(r["train_seconds"] or 0.0 for r in everything),
         "wall_s": wall_s,
-        "study_dir": str(study_dir),
+        "study_dir": str(Path(run.study_dir)),
         "report": str(report.markdown),
         "mlflow_experiment": run.experiment,
         "mlflow_run_id": run.parent_run_id,
         "tracking_uri": run.tracking_uri,
-        "mlflow_url": tracker.view_url(ui_base(run.tracking_uri)),
     }
-    tracker.log_study_metrics({"best_valid_auc": best["valid_auc"] if best else float("nan"),
-                               "trials_completed": counts["completed"],
-                               "trials_pruned": counts["pruned"],
-                               "trials_failed": counts["failed"],
-                               "stage1_reused": len(reused),
-                               "stage1_saved_s": summary["stage1_saved_s"]})
-    tracker.log_study_artifacts(study_dir / "report")
-    summary["mlflow_complete"] = tracker.finish_study("FINISHED")
-    if run.parent_run_id is None and tracker.parent_run_id:  # created once MLflow came back
-        run.parent_run_id = summary["mlflow_run_id"] = tracker.parent_run_id
-        run.save()
-    write_json(study_dir / RESULT_FILE, summary)
-    return summary
 
 
 def _open_tracking(tracker, run: StudyRun) -> None:
@@ -422,17 +389,6 @@ def ui_base(uri: str) -> str:
     """Where MLflow's UI for the store at `uri` is: the tracking server itself, or `hilomoe ui`
     on its default address for a local store."""
     return uri if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
-
-
-def _events(study_dir: Path) -> list[dict]:
-    path = study_dir / EVENTS_FILE
-    if not path.is_file():
-        return []
-    events = []
-    for line in path.read_text().splitlines():
-        with contextlib.suppress(json.JSONDecodeError):  # a line a killed driver cut short
-            events.append(json.loads(line))
-    return events
 
 
 def _log_best_model(run: StudyRun, tracker, best: dict, register: str | None) -> None:

@@ -65,10 +65,10 @@ class Recommendation:
 
 
 def recommend(run, flops: float) -> Recommendation:
-    """`run`: a StudyRun (study/driver.py). Raises HilomoeError in one sentence when the study
+    """`run`: a StudyRun (study/run_dir.py). Raises HilomoeError in one sentence when the study
     has no fitted law or every trial costs more than `flops`."""
     from hilomoe.data.dataset import open_dataset
-    from hilomoe.study.trial import trial_cost
+    from hilomoe.model.flops import trial_cost
 
     study_dir = Path(run.study_dir)
     records = load_records(study_dir)

@@ -19,13 +19,14 @@ because Optuna's categorical distribution takes only scalars, and `overrides` ma
 
 from __future__ import annotations
 
-import hashlib
-import json
 from typing import Any, Iterator
 
 from hilomoe.config import ConfigError, TrainConfig
 from hilomoe.report.fields import FIXED
+from hilomoe.study.keys import config_key
 from hilomoe.study.spec import Domain, StudySpec
+
+__all__ = ["FIXED", "SearchSpace", "config_key"]  # FIXED: report/fields.py; config_key: keys.py
 
 SCALARS = (bool, int, float, str, type(None))
 # settings that decide whether others apply, drawn before the rest (in this order)
@@ -56,16 +57,6 @@ def _values(domain: Domain) -> list[Any] | None:
 def _gate(key: str) -> int | None:
     """The position in GATES of the first gate `key` sets (itself, or inside its mapping)."""
     return next((i for i, g in enumerate(GATES) if g == key or g.startswith(key + ".")), None)
-
-
-def config_key(cfg: TrainConfig) -> str:
-    """Equal for configurations that train the same model: the effective configuration, less
-    where the data lives and how Ray runs it (the shuffle buffer aside, which orders samples)."""
-    raw = cfg.effective().model_dump(mode="json")
-    shuffle = raw.pop("ray")["shuffle_buffer"]
-    raw["data"].pop("path")
-    return hashlib.sha256(json.dumps({"config": raw, "shuffle_buffer": shuffle},
-                                     sort_keys=True).encode()).hexdigest()[:24]
 
 
 class SearchSpace:

@@ -2,11 +2,13 @@
 
     tune.with_parameters(run_trial, ctx=TrialContext(...))      # the Tune function trainable
 
-A trial with one worker runs the engine in the trial's own process (a worker group would cost
-~20 s of start-up per trial, more than a small trial's training); a trial with several workers
-runs the same worker loop as `hilomoe train` (train/worker.py) on a TorchTrainer whose reports
-reach Tune through `TuneReportCallback`. Both report the same metrics after every epoch, with a
-checkpoint that a restored study continues from, and a final report with the test metrics.
+A trial is a Reporter adapter around the one training session (`hilomoe.session.Session`).
+With one worker the session runs in the trial's own process, reporting through `tune.report`
+(a worker group would cost ~20 s of start-up per trial, more than a small trial's training);
+with several workers the trial runs `hilomoe train`'s trainer (distributed/trainer.py), whose
+workers run the same session and whose reports reach Tune through `TuneReportCallback`. Both
+report the same metrics after every epoch, with a checkpoint that a restored study continues
+from, and a final report with the test metrics.
 
 Stage 1 of an in-process trial goes through the stage-1 cache: the first trial of each distinct
 base trains it and stores it; the others adopt it (reported as `stage1_reused`). A trial whose
@@ -15,9 +17,7 @@ whole configuration was trained before replays that result (`trial_reused`).
 
 from __future__ import annotations
 
-import functools
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,51 +28,17 @@ from hilomoe.data.dataset import open_dataset
 from hilomoe.engine.local import Data, parquet_sources
 from hilomoe.engine.parallel import Parallel
 from hilomoe.errors import HilomoeError, out_of_memory
-from hilomoe.model.flops import model_cost
+from hilomoe.distributed.reporter import RayReporter
+from hilomoe.model.flops import trial_cost
 from hilomoe.session import Reporter, Session
 from hilomoe.study.cache import Stage1Cache, Stage1Entry, TrialCache
-from hilomoe.study.space import SearchSpace
+from hilomoe.study.run_dir import TrialContext
 from hilomoe.study.spec import StudySpec
-from hilomoe.train.worker import RayReporter
 
 
 TRIAL_CPU = 0.01  # what a trial holds while its TorchTrainer's workers hold the rest (0 is refused)
-
-
-@dataclass
-class TrialContext:
-    """What every trial of a study shares, as plain data."""
-
-    spec: dict  # StudySpec, JSON form
-    dataset: str  # canonical dataset directory
-    study_dir: str
-    cache_dir: str | None  # the stage-1 and trial caches; None turns sharing off
-    threads: int = 1  # torch threads of an in-process trial
-
-    @functools.cached_property
-    def study(self) -> StudySpec:
-        return StudySpec.model_validate(self.spec)
-
-    def config(self, params: dict[str, Any]) -> TrainConfig:
-        """The validated training configuration of a point Tune sampled."""
-        return self.config_from(SearchSpace(self.study).overrides(params))
-
-    def config_from(self, overrides: dict[str, Any]) -> TrainConfig:
-        """The validated training configuration of a trial's settings (a record's params)."""
-        study = self.study
-        fixed = {"data.path": self.dataset}
-        if study.budget.workers_per_trial > 1:
-            fixed.update({"ray.workers": study.budget.workers_per_trial,
-                          "ray.gpu": study.budget.gpus_per_trial > 0})
-        return study.train.with_overrides(**overrides, **fixed)
-
-
-def trial_cost(cfg: TrainConfig, schema) -> dict:
-    """FLOPs per sample and parameter counts: known before training, reported with every
-    result (an objective may minimise them)."""
-    c = model_cost(schema, cfg.model, batch=cfg.eval_batch_size).as_dict()
-    return {"flops": c["flops_analytic"], "params_total": c["params_total"],
-            "params_active": c["params_active"], "params_embedding": c["params_embedding"]}
+# also imported from here: the trial's plain-data context, and its cost (a record's columns)
+__all__ = ["TRIAL_CPU", "TrialContext", "run_in_process", "run_trial", "trial_cost"]
 
 
 def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
@@ -112,7 +78,7 @@ def run_in_process(cfg: TrainConfig, ctx: TrialContext, reporter: Reporter,
     device = trial_device(ctx.study)
     facts = {**trial_cost(cfg, dataset.schema), "stage1_reused": False, "stage1_seconds": 0.0,
              "trial_reused": False}
-    session = Session(cfg, data, reporter, device, Parallel(device=device), facts)
+    session = Session(cfg, data, reporter, device, Parallel.single(cfg, device), facts)
     if not ctx.cache_dir:
         session.run()
         return
@@ -164,17 +130,14 @@ def _run_distributed(cfg: TrainConfig, ctx: TrialContext) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from hilomoe.train.driver import make_trainer
-    from hilomoe.train.resources import plan_workers
-    from hilomoe.train.worker import WorkerJob
+    from hilomoe.distributed.resources import plan_workers
+    from hilomoe.distributed.trainer import make_trainer
 
     # the workers and Ray Data share the trial's CPU budget, less what the trial itself holds
     budget = ctx.study.budget
     plan = plan_workers(cfg.ray, {"CPU": budget.cpus_per_trial - TRIAL_CPU,
                                   "GPU": budget.gpus_per_trial})
     trials = str(Path(ctx.study_dir) / "trials")
-    job = WorkerJob(config=cfg.model_dump(mode="json"), dataset=ctx.dataset,
-                    plan=plan.as_dict(), run_dir=trials)
-    make_trainer(cfg, job, open_dataset(ctx.dataset), plan,
+    make_trainer(cfg, open_dataset(ctx.dataset), plan,
                  name=f"train-{tune.get_context().get_trial_id()}", storage=trials,
-                 callbacks=[TuneReportCallback()]).fit()
+                 run_dir=trials, callbacks=[TuneReportCallback()]).fit()

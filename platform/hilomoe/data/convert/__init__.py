@@ -121,7 +121,7 @@ def convert(fmt_name: str, inputs: list[str | Path], out: str | Path,
 
     use_ray = options.ray or (in_ray_job() and len(chunks) > 1)
     if use_ray:
-        from hilomoe.data.convert.ray_convert import RayChunks
+        from hilomoe.distributed.ray_convert import RayChunks
 
         runner, cache = RayChunks(), None
     else:

@@ -38,7 +38,7 @@ class RayChunks:
     ray = True
 
     def __init__(self) -> None:
-        from hilomoe.train.driver import connect_ray
+        from hilomoe.distributed.runtime import connect_ray
 
         self.started = connect_ray()
         import ray

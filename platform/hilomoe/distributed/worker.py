@@ -1,32 +1,38 @@
 """The function every Ray Train worker runs: one training session over this worker's shards.
 
-    TorchTrainer(train_loop, train_loop_config=WorkerJob(...).as_dict(), ...)
+    make_trainer(cfg, dataset, plan, ...)        # trainer.py: train_loop on every worker
 
-It is a thin adapter around `hilomoe.session.Session`: Ray contributes the process group (DDP
-for the dense model, TorchRec tables sharded across the ranks, exact metrics gathered over
+It is a Reporter adapter around `hilomoe.session.Session`: Ray contributes the process group
+(DDP for the dense model, TorchRec tables sharded across the ranks, exact metrics gathered over
 every rank), each worker's shard of each split, and `ray.train.report` with a checkpoint after
-every epoch. A restarted or resumed worker restores the latest checkpoint: the engine skips
-finished stages and continues the current one.
+every epoch (reporter.py). A restarted or resumed worker restores the latest checkpoint: the
+engine skips finished stages and continues the current one.
 """
 
 from __future__ import annotations
 
-import contextlib
+import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 
-from hilomoe.config import TrainConfig
+from hilomoe.config import StageName, TrainConfig, TypedView
 from hilomoe.data.batches import Batch
 from hilomoe.data.dataset import open_dataset
+from hilomoe.distributed.reporter import RayReporter
+from hilomoe.distributed.resources import WorkerPlan
 from hilomoe.engine.local import Data
-from hilomoe.engine.loop import Engine, EpochRecord
-from hilomoe.session import Session, read_state, write_files
-from hilomoe.train.resources import WorkerPlan
+from hilomoe.engine.loop import Engine
+from hilomoe.errors import HilomoeError
+from hilomoe.session import Session
+
+# A test hook, outside the user's configuration: `{"stage": "experts", "epoch": 1, "rank": 1}`
+# makes worker `rank` kill its own process once, halfway through `epoch` of `stage`, so that
+# Ray Train's failure handling restarts the group from the last checkpoint.
+FAULT_ENV = "HILOMOE_TEST_FAIL_AT"
 
 
 @dataclass
@@ -39,54 +45,41 @@ class WorkerJob:
     run_dir: str  # the driver's output directory (fault-injection marker)
     progress: Any = None  # a ray.util.queue.Queue for the driver's console, or None
 
+    cfg = TypedView("config", "the worker's configuration")
+
     def as_dict(self) -> dict:
         return asdict(self)
 
 
-@contextlib.contextmanager
-def checkpoint_dir(files: dict[str, Any]) -> Iterator[Path | None]:
-    """A temporary directory holding `files` (see `session.write_files`), for
-    `Checkpoint.from_directory`; None when there is nothing to save."""
-    if not files:
-        yield None
-        return
-    with tempfile.TemporaryDirectory() as d:
-        write_files(files, Path(d))
-        yield Path(d)
+@dataclass(frozen=True)
+class Fault:
+    stage: StageName
+    epoch: int = 0
+    rank: int = 0
 
 
-def read_checkpoint(checkpoint) -> tuple[dict | None, dict | None]:
-    """The engine state (every rank's shard merged) and, in a final checkpoint, the summary."""
-    if checkpoint is None:
-        return None, None
-    with checkpoint.as_directory() as d:
-        return read_state(d)
-
-
-class RayReporter:
-    """A session's reports as `report(metrics, checkpoint=...)` of Ray Train or Ray Tune
-    (`module`); every rank reports the same number of times, each with its own files."""
-
-    def __init__(self, module, progress=None, rank: int = 0):
-        self.module, self.progress, self.rank = module, progress, rank
-
-    def restore(self) -> dict | None:
-        return read_checkpoint(self.module.get_checkpoint())[0]
-
-    def report(self, metrics: dict, files: dict, record: EpochRecord | None) -> None:
-        with checkpoint_dir(files) as d:
-            ckpt = self.module.Checkpoint.from_directory(d) if d else None
-            self.module.report(metrics, checkpoint=ckpt)
-        if record is not None and self.rank == 0 and self.progress is not None:
-            _put(self.progress, {"kind": "epoch", **metrics, "valid": record.valid,
-                                 "train": record.train})
+def fault_injection(workers: int) -> Fault | None:
+    """The fault `HILOMOE_TEST_FAIL_AT` asks for (None when unset), for a run of `workers`."""
+    raw = os.environ.get(FAULT_ENV)
+    if not raw:
+        return None
+    try:
+        spec = json.loads(raw)
+        fault = Fault(StageName(spec["stage"]), int(spec.get("epoch", 0)), int(spec.get("rank", 0)))
+    except (ValueError, KeyError, TypeError) as err:
+        raise HilomoeError(f"{FAULT_ENV}: expected JSON like {{\"stage\": \"joint\", \"epoch\": 0, "
+                           f"\"rank\": 1}} ({err}).") from None
+    if fault.rank >= workers:
+        raise HilomoeError(f"{FAULT_ENV}: rank ({fault.rank}) must be below the number of "
+                           f"workers ({workers}).")
+    return fault
 
 
 class FaultyBatches:
-    """Wraps the train source; kills this process once, halfway through the configured epoch."""
+    """Wraps the train source; kills this process once, halfway through the fault's epoch."""
 
-    def __init__(self, source, engine: Engine, cfg: TrainConfig, rank: int, marker: Path):
-        self.source, self.engine, self.fault, self.rank = source, engine, cfg.ray.fail_at, rank
+    def __init__(self, source, engine: Engine, fault: Fault | None, rank: int, marker: Path):
+        self.source, self.engine, self.fault, self.rank = source, engine, fault, rank
         self.marker = marker
 
     def epoch(self, epoch: int, batch_size: int | None = None) -> Iterator[Batch]:
@@ -105,9 +98,9 @@ def worker_sources(cfg: TrainConfig, dataset, rank: int, world: int) -> dict:
     Ray Data shard the trainer handed it."""
     import ray.train
 
-    from hilomoe.data.ray_data import RayBatches, row_bytes
     from hilomoe.data.readers import ParquetBatches
     from hilomoe.data.subset import train_subset
+    from hilomoe.distributed.ray_data import RayBatches, row_bytes
 
     def shard(split: str):
         train = split == "train"
@@ -134,8 +127,7 @@ def train_loop(job_dict: dict) -> None:
     import ray.train.torch
 
     job = WorkerJob(**job_dict)
-    cfg = TrainConfig.model_validate(job.config)
-    plan = WorkerPlan(**job.plan)
+    cfg, plan = job.cfg, WorkerPlan(**job.plan)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(plan.torch_threads)
@@ -143,13 +135,6 @@ def train_loop(job_dict: dict) -> None:
     sources = worker_sources(cfg, dataset, rank, world)
     session = Session(cfg, Data(dataset.schema, sources, dataset.meta.extra.get("bayes")),
                       RayReporter(ray.train, job.progress, rank), ray.train.torch.get_device())
-    sources["train"] = FaultyBatches(sources["train"], session.engine, cfg, rank,
-                                     Path(job.run_dir) / ".fault-injected")
+    sources["train"] = FaultyBatches(sources["train"], session.engine, fault_injection(world),
+                                     rank, Path(job.run_dir) / ".fault-injected")
     session.run()
-
-
-def _put(queue, item: dict) -> None:
-    try:
-        queue.put_nowait(item)
-    except Exception:  # a full or vanished console queue must never stop training
-        pass

@@ -23,7 +23,7 @@ from ray.data.collate_fn import ArrowBatchCollateFn
 
 from hilomoe.data.batches import Batch
 from hilomoe.data.dataset import Dataset
-from hilomoe.data.ray_source import open_ray_split
+from hilomoe.distributed.ray_source import open_ray_split
 from hilomoe.data.parquet import columns_of
 from hilomoe.data.readers import rebatch
 
