@@ -13,9 +13,8 @@ from pathlib import Path
 import pytest
 
 from helpers import hilomoe, one_json
-from hilomoe.study.plan import (
-    Calibration, Costing, Job, Measure, _line, asha_epochs, calibrate, corners, predict, schedule,
-)
+from hilomoe.study.calibrate import Calibration, Measure, _line, calibrate, corners
+from hilomoe.study.plan import Costing, Job, asha_epochs, predict, schedule
 from hilomoe.study.space import SearchSpace
 from hilomoe.study.spec import parse_study
 from hilomoe.distributed.runtime import dataset_path
@@ -125,7 +124,7 @@ def test_calibration_times_every_stage_of_the_cheapest_and_dearest_points(cache)
 
 
 def fast_flops(costing: Costing, cfg, stage) -> float:
-    from hilomoe.study.plan import _stage_flops
+    from hilomoe.study.calibrate import stage_flops as _stage_flops
 
     return _stage_flops(costing.schema, cfg, stage)
 
