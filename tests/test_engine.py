@@ -13,7 +13,8 @@ from hilomoe.config import PlantedData, StageName, TrainConfig
 from hilomoe.data.planted import generate_planted
 from hilomoe.engine.local import Data, build_model, memory_sources
 from hilomoe.session import checkpoint_score, train_local
-from hilomoe.engine.loop import EarlyStopping, Engine
+from hilomoe.engine.history import EarlyStopping
+from hilomoe.engine.loop import Engine
 from hilomoe.model.routing import RoutingMode
 
 SMALL = {

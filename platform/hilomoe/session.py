@@ -28,7 +28,8 @@ import torch
 from hilomoe import jsonio
 from hilomoe.config import StageName, TrainConfig
 from hilomoe.engine.local import Data, build_model, load_data
-from hilomoe.engine.loop import Engine, EpochRecord, run_stages
+from hilomoe.engine.history import EpochRecord
+from hilomoe.engine.loop import Engine, run_stages
 from hilomoe.engine.parallel import Parallel
 from hilomoe.errors import HilomoeError
 from hilomoe.memory import peak_rss_mb

@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-from hilomoe.engine.loop import EpochRecord
+from hilomoe.engine.history import EpochRecord
 from hilomoe.session import read_state, write_files
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Callable, Iterable, Iterator, Protocol
 
 import numpy as np
@@ -25,6 +25,7 @@ from torch import nn
 
 from hilomoe.config import StageName, StagesConfig
 from hilomoe.data.batches import Batch
+from hilomoe.engine.history import EarlyStopping, EpochRecord, stage_results
 from hilomoe.engine.losses import objective
 from hilomoe.engine.metrics import Predictions, RoutingStats
 from hilomoe.engine.optimizers import make_optimizer, make_table_optimizer
@@ -40,80 +41,6 @@ class BatchSource(Protocol):
     another still has (see parallel.lockstep); the model then joins its lookups with none."""
 
     def epoch(self, epoch: int, batch_size: int | None = None) -> Iterable[Batch]: ...
-
-
-@dataclass
-class EarlyStopping:
-    """Stop after `patience` epochs without the validation AUC improving by more than min_delta."""
-
-    patience: int
-    min_delta: float = 0.0
-    best: float = float("-inf")
-    best_epoch: int = -1
-    bad_epochs: int = 0
-
-    def update(self, score: float, epoch: int) -> bool:
-        """Record an epoch's score; True when it is the best so far. An undefined score (NaN:
-        the AUC of a batch-less or one-class split) is never the best: it would also stop every
-        later epoch from improving on it, since nothing compares greater than NaN."""
-        if score != score:
-            self.bad_epochs += 1
-            return False
-        if score > self.best + self.min_delta or self.best_epoch < 0:
-            self.best, self.best_epoch, self.bad_epochs = score, epoch, 0
-            return True
-        self.bad_epochs += 1
-        return False
-
-    @property
-    def should_stop(self) -> bool:
-        return self.bad_epochs >= self.patience
-
-
-@dataclass
-class EpochRecord:
-    stage: str
-    epoch: int
-    train: dict[str, float]  # mean loss and its parts
-    valid: dict[str, float]  # auc, logloss and routing statistics
-    samples: int
-    seconds: float
-    improved: bool
-
-    @property
-    def samples_per_s(self) -> float:
-        return self.samples / self.seconds if self.seconds > 0 else 0.0
-
-    def as_dict(self) -> dict:
-        return {**asdict(self), "samples_per_s": self.samples_per_s}
-
-
-@dataclass
-class StageResult:
-    """A stage's epochs and its best epoch (the weights the next stage starts from)."""
-
-    stage: str
-    history: list[EpochRecord] = field(default_factory=list)
-
-    @property
-    def best(self) -> EpochRecord | None:
-        improved = [r for r in self.history if r.improved]
-        return improved[-1] if improved else None
-
-    def summary(self) -> dict:
-        best = self.best
-        return {"epochs": len(self.history),
-                "auc": best.valid["auc"] if best else float("nan"),
-                "logloss": best.valid["logloss"] if best else float("nan"),
-                "best_epoch": best.epoch if best else -1}
-
-
-def stage_results(history: Iterable[EpochRecord]) -> dict[str, StageResult]:
-    """Group epoch records by stage, in the order the stages ran."""
-    out: dict[str, StageResult] = {}
-    for record in history:
-        out.setdefault(record.stage, StageResult(record.stage)).history.append(record)
-    return out
 
 
 class Engine:

@@ -49,7 +49,7 @@ import hilomoe
 from hilomoe.atomic import fsync_dir, publish_dir
 from hilomoe.config import TrainConfig
 from hilomoe.data.dataset import open_dataset
-from hilomoe.engine.loop import EpochRecord
+from hilomoe.engine.history import EpochRecord
 from hilomoe.errors import HilomoeError
 from hilomoe.session import autocast_dtype, load_tensors, write_files
 from hilomoe.study.space import config_key
