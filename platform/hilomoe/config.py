@@ -146,7 +146,7 @@ class BackboneConfig(Strict):
 
 
 class EmbeddingConfig(Strict):
-    """How the categorical fields' tables are stored and trained (model/embedding.py).
+    """How the categorical fields' tables are stored and trained (model/embedding/).
 
     torchrec  one TorchRec table per field on FBGEMM's table-batched kernels, updated in the
               backward pass by a fused row-wise optimiser, sharded table-wise across Ray Train

@@ -59,7 +59,7 @@ T = TypeVar("T")
 
 # what a trained result depends on besides its inputs: the code that trains it (the model, the
 # engine and the session that drives it; routing_kernel.cpp is the fused routing's code)
-SOURCE_PARTS = ("model", "engine", "session.py")
+SOURCE_PARTS = ("model", "engine", "session.py", "metrics.py", "schema.py")
 SOURCE_SUFFIXES = (".py", ".cpp")
 
 

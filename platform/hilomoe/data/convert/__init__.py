@@ -57,7 +57,8 @@ from pathlib import Path
 import numpy as np
 
 from hilomoe.data.convert.chunks import CHUNK_BYTES, CHUNK_ROWS
-from hilomoe.data.convert.formats import Sizes, make_format
+from hilomoe.data.convert.blocks import Sizes
+from hilomoe.data.convert.formats import make_format
 from hilomoe.data.convert.pipeline import Pass1Job, Pass2Job, Splitter, ThreadChunks
 from hilomoe.data.convert.text import ConvertError, Problems
 from hilomoe.data.convert.vocab import Encoder, FieldCounts, KeyCounts

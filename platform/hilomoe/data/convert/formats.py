@@ -16,7 +16,6 @@ problems (in the order: structural, label, then the format's columns) and left o
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -26,54 +25,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict
 
 from hilomoe.config import parse_config
-from hilomoe.data.convert.chunks import (Chunk, Dialect, RawRows, mean_line_bytes, parquet_file,
+from hilomoe.data.convert.blocks import Block, Sizes, check_header, keep_mask, texts_at
+from hilomoe.data.convert.chunks import (Chunk, Dialect, RawRows, parquet_file,
                                          plan_parquet, plan_text, read_parquet, read_text)
 from hilomoe.data.convert.columns import (Codes, check_label, codes_of, derived_codes, numbers,
                                           per_value, typed_floats_exact)
 from hilomoe.data.convert.text import ChunkProblems, ConvertError
-
-
-@dataclass
-class Block:
-    """A chunk's checked rows (n of them) and what the chunk reports."""
-
-    cat: list[Codes]  # per categorical field
-    num: np.ndarray  # (n, F_n) float64, C order; NaN = missing
-    label: np.ndarray  # (n,) float32, 0 or 1
-    time: np.ndarray | None  # (n,) int64 sort key for time-based splits
-    positions: int  # lines (text) or rows (Parquet) the chunk spans
-    problems: ChunkProblems
-
-    def __len__(self) -> int:
-        return len(self.label)
-
-
-def _keep(ok: np.ndarray) -> np.ndarray | None:
-    return None if ok.all() else ok
-
-
-@dataclass
-class Sizes:
-    """How to cut text files: `chunk_bytes`, or `chunk_rows` times the file's mean line length;
-    Parquet files: `chunk_rows` rows."""
-
-    chunk_bytes: int | None
-    chunk_rows: int
-
-    def text_bytes(self, path: Path, header: bool) -> int:
-        if self.chunk_bytes is not None:
-            return self.chunk_bytes
-        return max(1, int(self.chunk_rows * mean_line_bytes(path, header)))
-
-
-def check_header(path: Path, delimiter: str, expected: list[str]) -> list[str]:
-    with open(path, "rb") as f:
-        first = f.readline().decode("utf-8", errors="replace").rstrip("\r\n")
-    got = first.split(delimiter)
-    if expected and got != expected:
-        raise ConvertError(f"{path}: header {first[:80]!r} is not the expected "
-                           f"{delimiter.join(expected)[:80]!r}...")
-    return got
 
 
 # ----------------------------------------------------------------------------------------------
@@ -157,7 +114,7 @@ class Criteo:
                 raw.locate)
             ints.append(v)
             ok &= good & ~bad
-        keep = _keep(ok)
+        keep = keep_mask(ok)
         cats = [codes_of(raw.columns[14 + f]).take(keep) for f in range(26)]
         if self.int_mode == "categorical":
             cats = [bucket_codes(v if keep is None else v[keep]) for v in ints] + cats
@@ -227,7 +184,7 @@ class Avazu:
             np.flatnonzero(~good),
             lambda i: f"hour {texts_at(hours, i)[:20]!r} is not YYMMDDHH", raw.locate)
         ok &= good
-        keep = _keep(ok)
+        keep = keep_mask(ok)
         time = np.array([r[3] for r in results], dtype=np.int64)[hours.indices][ok]
         cats = [derived_codes(hours.indices, [r[1] for r in results]).take(keep),
                 derived_codes(hours.indices, [r[2] for r in results]).take(keep)]
@@ -236,8 +193,6 @@ class Avazu:
                      raw.problems)
 
 
-def texts_at(codes: Codes, i: int) -> str:
-    return codes.values[int(codes.indices[i])].as_py().decode()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -325,7 +280,7 @@ class Table:
             t, good = numbers(raw, at[self.spec.time], self.spec.time, missing_ok=False)
             ok &= good
             time = np.nan_to_num(t).astype(np.int64)[ok]
-        keep = _keep(ok)
+        keep = keep_mask(ok)
         cats = [codes_of(raw.columns[at[c]]).take(keep) for c in self.cat_fields]
         return Block(cats, num[ok], label[ok], time, raw.positions, raw.problems)
 
@@ -392,7 +347,7 @@ class MovieLens:
         ok &= good
         if self.drop_neutral:
             ok &= rating != self.threshold - 1
-        keep = _keep(ok)
+        keep = keep_mask(ok)
         user, users = per_value(raw.columns[0], lambda u: self.users.get(u, ["", "", "", ""]))
         movie, movies = per_value(raw.columns[1], lambda m: self.movies.get(m, ["", ""]))
         cats = [user, movie, *(derived_codes(user.indices, [u[i] for u in users])

@@ -32,7 +32,7 @@ import pyarrow as pa
 
 from hilomoe.data.convert.chunks import Chunk
 from hilomoe.data.convert.columns import Codes
-from hilomoe.data.convert.formats import Block
+from hilomoe.data.convert.blocks import Block
 from hilomoe.data.convert.text import ChunkProblems
 from hilomoe.data.convert.vocab import Encoder, positions_file
 
