@@ -433,3 +433,21 @@ def test_resume_refuses_changed_data_and_allows_a_new_pace(tmp_path, monkeypatch
         with pytest.raises(DatasetError) as err:
             resume()
         assert "the dataset changed since" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_only_errors_of_a_lost_process_or_node_count_as_lost_to_the_cluster():
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, NodeDiedError
+    from ray.tune import TuneError
+
+    from hilomoe.errors import HilomoeError
+    from hilomoe.study.driver import lost_to_the_cluster
+
+    assert lost_to_the_cluster(ActorUnavailableError("The actor abc is unavailable", None))
+    assert lost_to_the_cluster(ActorDiedError())
+    assert lost_to_the_cluster(NodeDiedError("node gone"))
+    # Tune's text of an actor error it could not keep (no pickled exception)
+    assert lost_to_the_cluster(TuneError("The actor e59d is unavailable: The actor is "
+                                         "temporarily unavailable: RpcError"))
+    assert not lost_to_the_cluster(HilomoeError("stages.base.lr: must be positive."))
+    assert not lost_to_the_cluster(RuntimeError("CUDA out of memory"))
+    assert not lost_to_the_cluster(None)

@@ -217,6 +217,35 @@ def _warner(console: Callable[[dict], None] | None, study_dir: str) -> Callable[
     return warn
 
 
+def _fit(run: StudyRun, resume: bool, warn: Callable[[str], None], phase: str = "search",
+         points: list[dict] | None = None) -> None:
+    """One phase's Tuner, run to its end. When a node is lost, Tune can error a trial however
+    many restarts `ray.max_failures` allows: the lost actor's second in-flight call fails after
+    Tune has begun to recover the trial, and a trial already pending counts that as its own
+    error. Trials lost to the cluster like this resume from their checkpoints once, as
+    `--resume` would resume them."""
+    from hilomoe.study.callback import StudyCallback
+
+    results = _tuner(run, StudyCallback(run.study_dir), resume, phase, points).fit()
+    lost = sum(lost_to_the_cluster(error) for error in results.errors)
+    if lost:
+        warn(f"{lost} trial(s) of the {phase} phase lost to the cluster (a process or node "
+             f"went away); resuming them from their last checkpoints")
+        _tuner(run, StudyCallback(run.study_dir), True, phase, points).fit()
+
+
+def lost_to_the_cluster(error: BaseException | None) -> bool:
+    """Whether a trial's error is Ray losing its process or node, not the trial's own: an
+    actor that died or became unreachable, a dead node or worker, a lost object (or Tune's
+    text of such an error, when it could not keep the exception itself)."""
+    from ray.exceptions import NodeDiedError, ObjectLostError, RayActorError, WorkerCrashedError
+
+    if isinstance(error, (RayActorError, NodeDiedError, WorkerCrashedError, ObjectLostError)):
+        return True
+    text = str(error or "")
+    return text.startswith("The actor ") and ("unavailable" in text or "died" in text)
+
+
 def _drive(run: StudyRun, resume: bool, console: Callable[[dict], None] | None,
            t0: float, plan: dict, register: str | None = None) -> dict:
     from hilomoe.distributed.runtime import connect_ray
@@ -238,13 +267,13 @@ def _drive(run: StudyRun, resume: bool, console: Callable[[dict], None] | None,
     run.save()
     import ray
 
-    from hilomoe.study.callback import StudyCallback, attach
+    from hilomoe.study.callback import attach
 
     try:
         _check_fits(spec, ray.cluster_resources(), fixed=started, warn=warn)
         attach(run.study_dir, tracker, console)
         try:
-            _tuner(run, StudyCallback(run.study_dir), resume).fit()
+            _fit(run, resume, warn)
             for phase in ("design", "repeats"):
                 points = _phase_points(spec, phase, load_records(run.study_dir))
                 if points or (resume and _restorable(run, phase)):
@@ -252,7 +281,7 @@ def _drive(run: StudyRun, resume: bool, console: Callable[[dict], None] | None,
                         console({"kind": "phase", "message": _PHASE_LINES[phase].format(
                             n=len(points), axes=", ".join(spec.laws.axes),
                             seeds=spec.repeats, model=MODEL)})
-                    _tuner(run, StudyCallback(run.study_dir), resume, phase, points).fit()
+                    _fit(run, resume, warn, phase, points)
         except KeyboardInterrupt:
             raise HilomoeError(f"interrupted; continue the study with `hilomoe study run "
                                f"STUDY.yaml --out {run.study_dir} --resume`") from None
