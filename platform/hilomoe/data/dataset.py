@@ -45,6 +45,17 @@ SPLITS = ("train", "valid", "test")
 META_FILE = "dataset.json"
 FORMAT_VERSION = 1
 MAX_IN_FLIGHT = 4  # tables queued in DatasetWriter (each also queued for the hash)
+# How shards encode their columns (the content hash is over the Arrow data, not these bytes).
+# Ids: delta-and-bit-packed, uncompressed; they are small integers, so packing alone gets
+# close to zstd's size, and it writes 2x and reads 1.5x faster (39 Zipf ids a row, 100k per
+# field: 1.1 against 2.1 us a row written, 0.37 against 0.55 read, 98 against 89 bytes).
+# Floats: byte-stream split + zstd; labels: zstd. Dictionaries off: dense id lists gain
+# nothing from them and write 2x slower.
+SHARD_ENCODING = {
+    "column_encoding": {"cat.list.element": "DELTA_BINARY_PACKED",
+                        "num.list.element": "BYTE_STREAM_SPLIT"},
+    "compression": {"cat.list.element": "none", "num.list.element": "zstd", "label": "zstd"},
+}
 
 
 class FieldInfo(BaseModel):
@@ -188,11 +199,9 @@ class DatasetWriter:
                 self._writers[split].close()
             name = f"part-{len(files):05d}.parquet"
             files.append(name)
-            # plain encoding + zstd: 2x faster to write than dictionaries and smaller on disk
-            # for dense id lists (measured: 3.2M rows/s, 13 bytes/row for 6 ids + 2 floats)
             self._writers[split] = pq.ParquetWriter(
-                self.tmp / split / name, self.schema, compression="zstd",
-                use_dictionary=False, write_statistics=False)
+                self.tmp / split / name, self.schema, use_dictionary=False,
+                write_statistics=False, **SHARD_ENCODING)
             in_file = 0
         return self._writers[split], self.rows_per_file - in_file
 
