@@ -58,14 +58,13 @@ def codes_of(column: pa.Array | pa.ChunkedArray) -> Codes:
         values = _reinterpret(values, pa.binary(8))
     if not pa.types.is_binary(values.type):
         values = values.cast(pa.binary())
-    if any(p.null_count for p in parts):
-        parts = [p.indices.fill_null(len(values)) for p in parts]
+    # one array of indices, then one fill of its nulls (per parse block: ~12% slower)
+    indices = parts[0].indices if len(parts) == 1 else \
+        pa.chunked_array([p.indices for p in parts]).combine_chunks()
+    if indices.null_count:
+        indices = indices.fill_null(len(values))
         values = pa.concat_arrays([values, pa.array([b""], pa.binary())])
-    else:
-        parts = [p.indices for p in parts]
-    indices = parts[0].to_numpy() if len(parts) == 1 else \
-        np.concatenate([p.to_numpy() for p in parts])
-    return Codes(indices, values)
+    return Codes(indices.to_numpy(), values)
 
 
 def _reinterpret(column: pa.Array | pa.ChunkedArray, to: pa.DataType):
