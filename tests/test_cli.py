@@ -69,6 +69,10 @@ def test_train_local_json(tmp_path):
         assert stage["epochs"] >= 1 and 0.5 < stage["auc"] < 1 and stage["logloss"] > 0
     assert 0.5 < res["test"]["auc"] < 1 and res["test"]["logloss"] > 0
     assert "[   base] epoch   1" in proc.stderr  # progress goes to stderr
+    # the footprint `bench scale` reports for its local rows: 4 TorchRec tables of 10 rows,
+    # weights plus one row-wise Adagrad float a row
+    (worker,) = res["footprint"]
+    assert worker["embedding_bytes"] == 4 * 10 * (4 + 1) * 4 and worker["peak_rss_mb"] > 0
 
 
 def test_bench_layer_json_keys():
@@ -129,8 +133,8 @@ def test_data_synth_json_then_train_on_it(tmp_path):
 def test_bench_scale_json_rows():
     """One JSON object: a row per path x backend x vocabulary x stage, the converter against
     pyarrow.csv, and the goals' ratios; two workers hold half of the TorchRec tables each."""
-    # ray_2 alone: the local path's rows come from the same `hilomoe train --json` summary
-    # (tests/test_train.py), and its embedding bytes are the formula below
+    # ray_2 alone: the local path's rows read the same `hilomoe train --json` footprint, which
+    # test_train_local_json checks
     res = one_json(hilomoe("bench", "scale", "--json", "--ids", "20", "200", "--paths",
                            "ray_2", "--backends", "torchrec", "--train-rows", "3000",
                            "--convert-rows", "3000").stdout)
