@@ -451,3 +451,28 @@ def test_only_errors_of_a_lost_process_or_node_count_as_lost_to_the_cluster():
     assert not lost_to_the_cluster(HilomoeError("stages.base.lr: must be positive."))
     assert not lost_to_the_cluster(RuntimeError("CUDA out of memory"))
     assert not lost_to_the_cluster(None)
+
+
+# -- the live trial table ---------------------------------------------------------------------
+
+
+def test_the_trial_count_grows_with_each_phase_after_the_search(capsys):
+    """`[done/total]`: the search's trials, then each later phase's added as it starts (the
+    quickstart printed [17/8 done] before)."""
+    from hilomoe.study.console import TrialTable
+
+    table = TrialTable({"model.moe.experts": "experts"}, total=2)
+
+    def trial(tid: str) -> None:
+        table({"kind": "trial_start", "trial_id": tid, "params": {"model.moe.experts": 4}})
+        table({"kind": "trial_end", "trial_id": tid,
+               "record": {"status": "completed", "valid_auc": 0.7, "test_auc": 0.7,
+                          "flops": 10.0}})
+
+    trial("a"), trial("b")
+    table({"kind": "phase", "trials": 3, "message": "scaling-law grids along train_size: 3 trials"})
+    trial("c")
+    table({"kind": "phase", "trials": 1, "message": "again with 2 seeds: 1 trials"})
+    trial("d")
+    ends = [ln.rsplit("[", 1)[1] for ln in capsys.readouterr().err.splitlines() if "done]" in ln]
+    assert ends == ["1/2 done]", "2/2 done]", "3/5 done]", "4/6 done]"]

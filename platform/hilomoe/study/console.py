@@ -43,6 +43,7 @@ class TrialTable:
     def __call__(self, event: dict) -> None:
         kind, tid = event["kind"], event.get("trial_id")
         if kind in ("warning", "phase"):
+            self.total += event.get("trials", 0)  # a phase after the search: its trials count
             prefix = "warning: " if kind == "warning" else ""
             self.console.print(f"{prefix}{event['message']}", markup=False)
             return

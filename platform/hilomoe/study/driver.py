@@ -278,9 +278,10 @@ def _drive(run: StudyRun, resume: bool, console: Callable[[dict], None] | None,
                 points = _phase_points(spec, phase, load_records(run.study_dir))
                 if points or (resume and _restorable(run, phase)):
                     if console:
-                        console({"kind": "phase", "message": _PHASE_LINES[phase].format(
-                            n=len(points), axes=", ".join(spec.laws.axes),
-                            seeds=spec.repeats, model=MODEL)})
+                        console({"kind": "phase", "trials": len(points),
+                                 "message": _PHASE_LINES[phase].format(
+                                     n=len(points), axes=", ".join(spec.laws.axes),
+                                     seeds=spec.repeats, model=MODEL)})
                     _fit(run, resume, warn, phase, points)
         except KeyboardInterrupt:
             raise HilomoeError(f"interrupted; continue the study with `hilomoe study run "
