@@ -517,8 +517,12 @@ def test_planted_criteo_tsv_has_the_criteo_layout(tmp_path):
 
 
 @pytest.mark.slow
-def test_ray_output_equals_the_single_process_output(ray_local, tmp_path):
-    src = write_criteo_tsv(tmp_path / "day.tsv", rows=20_000, ids_per_field=2000, seed=1)
+def test_ray_output_equals_the_single_process_output(ray_local, tmp_path, monkeypatch):
+    """The same output from Ray tasks as from the single process, given a path relative to
+    the driver's directory (a Ray worker runs elsewhere: it failed to open it before)."""
+    write_criteo_tsv(tmp_path / "day.tsv", rows=20_000, ids_per_field=2000, seed=1)
+    monkeypatch.chdir(tmp_path)
+    src = "day.tsv"
     with open(src, "ab") as f:  # problems in a late chunk
         f.write(b"1\t2\n" + "\t".join(["0", "x"] + [""] * 38).encode() + b"\n")
     for name, options in [("vocab", ConvertOptions(seed=3)),
@@ -535,6 +539,17 @@ def test_ray_output_equals_the_single_process_output(ray_local, tmp_path):
             assert distributed[key] == local[key], key
         assert distributed["skipped_examples"][0].endswith(":20001: 2 fields where 40 are "
                                                            "expected")
+
+
+def test_an_input_a_worker_cannot_read_is_one_sentence(tmp_path):
+    from hilomoe.data.convert.chunks import Chunk, read_chunk_bytes
+    from hilomoe.data.convert.text import ConvertError
+
+    gone = tmp_path / "gone.tsv"
+    with pytest.raises(ConvertError, match=r"gone\.tsv: cannot be read here \(No such file or "
+                       r"directory\); on Ray, every node must see the input files at the same "
+                       r"path\.$"):
+        read_chunk_bytes(Chunk(0, str(gone), "text", 0, 10))
 
 
 # -- interruption --------------------------------------------------------------------------------

@@ -23,6 +23,8 @@ the input files at the same paths, and have this package installed.
 
 from __future__ import annotations
 
+import os
+from dataclasses import replace
 from typing import Callable, Iterable, Iterator
 
 from hilomoe.data.convert.chunks import Chunk
@@ -71,7 +73,8 @@ class RayChunks:
 
         def submit(chunk: Chunk):
             extra = () if blocks is None else (blocks.pop(chunk.index),)
-            return task.remote(job_ref, chunk, *extra)
+            # the driver's relative paths mean nothing in a worker's directory
+            return task.remote(job_ref, replace(chunk, path=os.path.abspath(chunk.path)), *extra)
 
         refs = [submit(c) for c in chunks[:self.window]]
         for i in range(len(chunks)):

@@ -165,9 +165,13 @@ class RawRows:
 
 
 def read_chunk_bytes(chunk: Chunk) -> bytes:
-    with open(chunk.path, "rb") as f:
-        f.seek(chunk.start)
-        return f.read(chunk.end - chunk.start)
+    try:
+        with open(chunk.path, "rb") as f:
+            f.seek(chunk.start)
+            return f.read(chunk.end - chunk.start)
+    except OSError as err:  # e.g. a Ray node that does not see the file
+        raise ConvertError(f"{chunk.path}: cannot be read here ({err.strerror or err}); on Ray, "
+                           f"every node must see the input files at the same path.") from None
 
 
 def read_text(chunk: Chunk, dialect: Dialect, typed: bool = True) -> RawRows:
