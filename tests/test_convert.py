@@ -394,7 +394,7 @@ def test_count_tables_of_8_byte_ids_count_like_tables_of_bytes(max_vocab, tmp_pa
     import pyarrow as pa
 
     from hilomoe.data.convert import vocab
-    from hilomoe.data.convert.vocab import Encoder, FieldCounts, positions_file
+    from hilomoe.data.convert.vocab import Encoder, FieldCounts, PositionFiles
 
     monkeypatch.setattr(vocab, "MERGE_ENTRIES", 16)  # merges every few chunks
     rng = np.random.default_rng(4)
@@ -408,7 +408,7 @@ def test_count_tables_of_8_byte_ids_count_like_tables_of_bytes(max_vocab, tmp_pa
     for keyed in (True, False):
         where = tmp_path / str(keyed)
         where.mkdir()
-        counts = FieldCounts(0, max_vocab, str(where))
+        counts = FieldCounts(0, max_vocab, PositionFiles(where))
         if not keyed:
             counts._keyed = None  # bytes from the start, as for any other field
         for chunk, (values, n) in enumerate(reports):
@@ -422,7 +422,7 @@ def test_count_tables_of_8_byte_ids_count_like_tables_of_bytes(max_vocab, tmp_pa
                        counts.peak_entries, encoder.vocab.to_pylist()))
         if counts.positional:  # no prune: every chunk's positions were written
             for chunk, (v, _) in enumerate(reports):
-                at = np.fromfile(positions_file(where, chunk, 0), dtype=np.int32)
+                at = PositionFiles(where).get(chunk, 0)
                 assert values.take(pa.array(at)).to_pylist() == v.to_pylist()
     assert tables[0] == tables[1]
     assert (tables[0][1] > 0) == (max_vocab is not None)

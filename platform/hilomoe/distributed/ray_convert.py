@@ -11,7 +11,10 @@ of tasks in flight is all that needs. Pass 1 tasks return their chunk's counts a
 which the driver merges, and, as a second return value, the chunk's parsed block, which the driver
 does not fetch: it stays in the object store (spilled to disk when the store is full), owned by
 the driver, until the chunk's pass 2 task takes it as its argument, so pass 2 neither parses the
-text again (half of pass 1's work) nor needs a disk the nodes share. Pass 2 tasks return the
+text again (half of pass 1's work) nor needs a disk the nodes share. The table positions of each
+chunk's values, which the driver learns as it merges counts (vocab.py), go to the object store
+too (PositionRefs) and reach the chunk's pass 2 task as arguments: it encodes by gathers, without
+hashing the values again, as the single process does from its cache. Pass 2 tasks return the
 encoded rows, which the driver writes through DatasetWriter. Neither the chunking nor the order of
 writing depends on where a task ran, so the output, content hash included, is the single
 process's.
@@ -49,6 +52,7 @@ class RayChunks:
         cpus = int(ray.cluster_resources().get("CPU", 1))
         self.window = max(2, TASKS_PER_CPU * cpus)
         self._blocks: dict[int, object] = {}  # chunk index -> its parsed block's ObjectRef
+        self._positions = PositionRefs(ray)
 
     def pass1(self, job: Pass1Job, chunks: list[Chunk]) -> Iterator[Summary]:
         for chunk, (summary, block) in zip(chunks, self.map(summarize_keeping, job, chunks,
@@ -57,15 +61,21 @@ class RayChunks:
             yield self._ray.get(summary)
 
     def pass2(self, job: Pass2Job, chunks: list[Chunk]) -> Iterator[Encoded]:
-        # each block's reference is dropped once its task is submitted: the store frees it
-        # when the task is done
-        for refs in self.map(encode, job, chunks, blocks=self._blocks):
+        # each block's and positions' reference is dropped once its task is submitted: the
+        # store frees them when the task is done
+        for refs in self.map(encode, job, chunks, blocks=self._blocks,
+                             positions=self._positions, fields=len(job.encoders)):
             yield self._ray.get(refs)
 
+    def positions(self, cache: None) -> PositionRefs:
+        """Where pass 1 keeps its table positions for pass 2: the object store."""
+        return self._positions
+
     def map(self, fn: Callable, job, chunks: Iterable[Chunk], num_returns: int = 1,
-            blocks: dict | None = None) -> Iterator:
-        """The ObjectRef(s) of fn(job, chunk[, block]) per chunk, in chunk order, each once
-        its task finished, with at most `window` tasks in flight."""
+            blocks: dict | None = None, positions: PositionRefs | None = None,
+            fields: int = 0) -> Iterator:
+        """The ObjectRef(s) of fn(job, chunk[, block, *positions]) per chunk, in chunk order,
+        each once its task finished, with at most `window` tasks in flight."""
         ray = self._ray
         task = ray.remote(num_cpus=1, max_retries=3, num_returns=num_returns)(fn)
         job_ref = ray.put(job)  # shipped to the object store once, not once per task
@@ -73,6 +83,8 @@ class RayChunks:
 
         def submit(chunk: Chunk):
             extra = () if blocks is None else (blocks.pop(chunk.index),)
+            if positions is not None and positions.has(chunk.index):
+                extra += tuple(positions.pop(chunk.index, fields))
             # the driver's relative paths mean nothing in a worker's directory
             return task.remote(job_ref, replace(chunk, path=os.path.abspath(chunk.path)), *extra)
 
@@ -87,5 +99,26 @@ class RayChunks:
 
     def close(self) -> None:
         self._blocks.clear()
+        self._positions.refs.clear()
         if self.started:
             self._ray.shutdown()
+
+
+class PositionRefs:
+    """The table positions of chunks' values (vocab.FieldCounts puts them) in Ray's object
+    store, owned by the driver until the chunk's pass 2 task is submitted."""
+
+    def __init__(self, ray) -> None:
+        self._ray = ray
+        self.refs: dict[int, dict[int, object]] = {}  # chunk -> field -> ObjectRef
+
+    def put(self, chunk: int, field: int, positions) -> None:
+        self.refs.setdefault(chunk, {})[field] = self._ray.put(positions)
+
+    def has(self, chunk: int) -> bool:
+        return chunk in self.refs
+
+    def pop(self, chunk: int, fields: int) -> list:
+        """The chunk's references, field by field (None: a field that kept none)."""
+        refs = self.refs.pop(chunk)
+        return [refs.get(f) for f in range(fields)]

@@ -168,7 +168,8 @@ class Stats:
 
 def _pass1(fmt, chunks, runner, cache, problems: Problems, options: ConvertOptions) -> Stats:
     counting = options.hash_buckets is None
-    fields = ([FieldCounts(f, options.max_vocab, cache) for f in range(len(fmt.cat_fields))]
+    positions = runner.positions(cache) if counting else None
+    fields = ([FieldCounts(f, options.max_vocab, positions) for f in range(len(fmt.cat_fields))]
               if counting else [])
     num_sum = np.zeros(len(fmt.num_fields))
     num_sq = np.zeros(len(fmt.num_fields))

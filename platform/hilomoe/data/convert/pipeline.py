@@ -4,8 +4,8 @@
                                        values, sum its numerics, count its time keys; report its
                                        problems; keep the parsed block in the cache, if any
     summarize_keeping(job, chunk)      the same, returning the block too (Ray: object store)
-    encode(job, chunk[, block])        pass 2: the chunk's block (given, from the cache, or
-        -> Encoded                     parsed again) as ids and standardised numerics, divided
+    encode(job, chunk[, block,         pass 2: the chunk's block (given, from the cache, or
+           *positions]) -> Encoded     parsed again) as ids and standardised numerics, divided
                                        into its train, valid and test rows (Splitter)
 
 Both are plain functions of picklable arguments, so the same code runs on a thread pool
@@ -16,8 +16,8 @@ The cache (single process only) stores each parsed block as an Arrow IPC file (c
 dictionary arrays), and the driver stores there the table positions of each chunk's values
 (vocab.py), so pass 2 reads ~170 bytes a Criteo row and encodes it by gathers, instead of parsing
 the text and hashing its values again: those are the dearest steps, and pass 2 is otherwise bound
-by the writer's one thread. Ray tasks parse and look values up again instead (their nodes need
-not share a disk).
+by the writer's one thread. On Ray, the object store holds both instead (ray_convert.py): the
+nodes need not share a disk.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from hilomoe.data.convert.chunks import Chunk
 from hilomoe.data.convert.columns import Codes
 from hilomoe.data.convert.blocks import Block
 from hilomoe.data.convert.text import ChunkProblems
-from hilomoe.data.convert.vocab import Encoder, positions_file
+from hilomoe.data.convert.vocab import Encoder, PositionFiles
 
 
 @dataclass
@@ -141,9 +141,10 @@ class Encoded:
     splits: list[tuple[np.ndarray, np.ndarray, np.ndarray]]
 
 
-def encode(job: Pass2Job, chunk: Chunk, block: Block | None = None) -> Encoded:
+def encode(job: Pass2Job, chunk: Chunk, block: Block | None = None,
+           *positions: np.ndarray | None) -> Encoded:
     """Pass 2 of a chunk: its `block` as pass 1 kept it, else from the cache, else parsed
-    again."""
+    again; its values' table positions per field as given (Ray), else from the cache."""
     if block is not None:
         pass
     elif job.cache is not None:
@@ -153,11 +154,13 @@ def encode(job: Pass2Job, chunk: Chunk, block: Block | None = None) -> Encoded:
     # ids field by field into rows of (F_c, n), each written contiguously; the split's rows
     # are then gathered from its transpose: 2x faster than writing (n, F_c)'s strided columns
     cat_t = np.empty((len(job.encoders), len(block)), dtype=np.int32)
+    files = PositionFiles(job.cache) if job.cache is not None and not positions else None
     for f, (enc, codes) in enumerate(zip(job.encoders, block.cat)):
-        positions = None
-        if job.cache is not None and enc.id_of is not None:
-            positions = np.fromfile(positions_file(job.cache, chunk.index, f), dtype=np.int32)
-        cat_t[f] = enc(codes, positions)
+        at = None
+        if enc.id_of is not None:
+            at = files.get(chunk.index, f) if files is not None else \
+                positions[f] if positions else None
+        cat_t[f] = enc(codes, at)
     num = block.num
     if num.shape[1]:
         num = np.nan_to_num((num - job.mean) / job.std)
@@ -216,6 +219,10 @@ class ThreadChunks:
 
     def pass2(self, job: Pass2Job, chunks: list[Chunk]) -> Iterator[Encoded]:
         return self.map(encode, job, chunks)
+
+    def positions(self, cache: str) -> PositionFiles:
+        """Where pass 1 keeps its table positions for pass 2: files in the cache."""
+        return PositionFiles(cache)
 
     def map(self, fn: Callable, job, chunks: Iterable[Chunk]) -> Iterator:
         chunks = list(chunks)

@@ -7,9 +7,10 @@ wait in a pending list until it holds as many entries as the table (at least MER
 one `dictionary_encode` of [table, pending...] plus a weighted `bincount` merges them; each entry
 is thus hashed O(1) times on average, and memory per field is the table plus at most as much
 pending. The table only grows (an entry keeps its position), so the merge also tells where each
-of a chunk's values sits in the final table: with a `positions_dir`, those positions are written
-per chunk and field, and pass 2 encodes the chunk by two gathers (table position -> id, value ->
-position) instead of hashing its values again.
+of a chunk's values sits in the final table: given a place for them (`positions`: files in the
+single process, Ray's object store on Ray), those positions are kept per chunk and field, and pass
+2 encodes the chunk by two gathers (table position -> id, value -> position) instead of hashing
+its values again.
 
 Where every value is 8 bytes long or empty (Criteo's ids), the table is kept as int64 keys
 (_KeyTable): a merge looks the pending values up by binary search in a sorted copy of the keys,
@@ -64,16 +65,28 @@ MERGE_ENTRIES = 1 << 16
 CAPACITY_FACTOR = 4
 
 
-def positions_file(directory: str | Path, chunk: int, field: int) -> Path:
-    """Where the table positions of a chunk's values of one field are kept (int32, raw)."""
-    return Path(directory) / f"{chunk:06d}.{field:03d}.pos"
+class PositionFiles:
+    """Where FieldCounts keeps the table positions of each chunk's values for pass 2: raw
+    int32 files in a directory (the single process's cache). On Ray they go to the object
+    store instead (ray_convert.PositionRefs); both have put()."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+
+    def path(self, chunk: int, field: int) -> Path:
+        return self.directory / f"{chunk:06d}.{field:03d}.pos"
+
+    def put(self, chunk: int, field: int, positions: np.ndarray) -> None:
+        positions.tofile(self.path(chunk, field))
+
+    def get(self, chunk: int, field: int) -> np.ndarray:
+        return np.fromfile(self.path(chunk, field), dtype=np.int32)
 
 
 class FieldCounts:
     """Counts of one field's values (see the module docstring)."""
 
-    def __init__(self, field: int, max_vocab: int | None = None,
-                 positions_dir: str | None = None):
+    def __init__(self, field: int, max_vocab: int | None = None, positions=None):
         self.field = field
         self.values = pa.array([], pa.binary())
         self.counts = np.zeros(0, dtype=np.int64)
@@ -81,7 +94,9 @@ class FieldCounts:
         self.keep = None if max_vocab is None else 2 * max_vocab
         self.error = 0  # the most any count may be low by
         self.peak_entries = 0  # the most entries merged at once (table + pending): the memory
-        self.positions_dir = positions_dir  # None once a prune has moved the table's entries
+        # where chunks' positions go (PositionFiles, PositionRefs); None once a prune has moved
+        # the table's entries
+        self.positions = positions
         self._pending: list[tuple] = []  # add()'s arguments
         self._pending_entries = 0
         self._keyed: _KeyTable | None = _KeyTable()  # the table while every value fits a key
@@ -89,7 +104,7 @@ class FieldCounts:
     @property
     def positional(self) -> bool:
         """Whether every chunk's positions were written (no prune happened)."""
-        return self.positions_dir is not None
+        return self.positions is not None
 
     def add(self, chunk: int, values: pa.Array, counts: np.ndarray, used: np.ndarray | None,
             num_values: int) -> None:
@@ -129,8 +144,8 @@ class FieldCounts:
             kept = np.flatnonzero(counts > cut)
             self.values, self.counts = self.values.take(pa.array(kept)), counts[kept]
             self.error += cut
-            self.positions_dir = None
-        if self.positions_dir is not None:
+            self.positions = None
+        if self.positions is not None:
             offset = len(weights) - sum(len(p[1]) for p in pending)
             self._write_positions(pending, [positions[offset + a:offset + b] for a, b in
                                             _spans([len(p[1]) for p in pending])])
@@ -148,8 +163,8 @@ class FieldCounts:
             table.keep(np.flatnonzero(self.counts > cut))
             self.counts = table.counts
             self.error += cut
-            self.positions_dir = None
-        if self.positions_dir is not None:
+            self.positions = None
+        if self.positions is not None:
             self._write_positions(pending, at)
 
     def _write_positions(self, pending: list[tuple], at: list[np.ndarray]) -> None:
@@ -159,7 +174,7 @@ class FieldCounts:
             if used is not None:  # values no row holds: position -1, id 0
                 pos, full = np.full(num_values, -1, dtype=np.int32), pos
                 pos[used] = full
-            pos.tofile(positions_file(self.positions_dir, chunk, self.field))
+            self.positions.put(chunk, self.field, pos)
 
     def result(self) -> tuple[pa.Array, np.ndarray]:
         """All values (in table order: position i is values[i]) and their counts."""
