@@ -29,6 +29,7 @@ def test_no_ray_cluster_at_ray_address(tmp_path):
     msg = one_sentence(res.stderr)
     assert "cannot reach a Ray cluster at RAY_ADDRESS='127.0.0.1:1'" in msg
     assert "unset it to use a local Ray" in msg
+    assert "calibrated in" not in res.stderr  # said at once, not after the plan's calibration
 
 
 def test_a_dataset_path_that_is_not_a_dataset(tmp_path):

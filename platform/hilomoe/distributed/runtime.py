@@ -99,11 +99,26 @@ def connect_ray() -> bool:
             ray.init(address="local", include_dashboard=False, log_to_driver=False,
                      logging_level="ERROR")
     except (ConnectionError, RuntimeError, ValueError) as err:
-        raise HilomoeError(
-            f"cannot reach a Ray cluster at RAY_ADDRESS={address!r} "
-            f"({str(err).splitlines()[0]}); start one with `ray start --head`, fix RAY_ADDRESS, "
-            f"or unset it to use a local Ray.") from None
+        raise _unreachable(address, err) from None
     return True
+
+
+def check_ray_address() -> None:
+    """Fail at once when RAY_ADDRESS names a cluster nothing answers at: before the slow work
+    that precedes connecting (a study's calibration), not after it."""
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        try:
+            _check_reachable(address)
+        except ConnectionError as err:
+            raise _unreachable(address, err) from None
+
+
+def _unreachable(address: str | None, err: BaseException) -> HilomoeError:
+    return HilomoeError(
+        f"cannot reach a Ray cluster at RAY_ADDRESS={address!r} "
+        f"({str(err).splitlines()[0]}); start one with `ray start --head`, fix RAY_ADDRESS, "
+        f"or unset it to use a local Ray.")
 
 
 def _check_reachable(address: str) -> None:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from hilomoe import jsonio
+from hilomoe.distributed.runtime import check_ray_address
 from hilomoe.errors import HilomoeError
 from hilomoe.report.verdict import MODEL, repeat_points, search_records
 from hilomoe.study.design import design_points
@@ -162,6 +163,7 @@ def run_study(spec: StudySpec, study_dir: str | Path, resume: bool = False,
     t0 = time.perf_counter()
     study_dir = Path(study_dir).resolve()
     run = _open_run(spec, study_dir, resume, cache)  # before Ray: bad input fails fast
+    check_ray_address()  # and an unreachable cluster, before the plan's calibration
     plan = _plan(run, console)
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")  # lose little on a killed driver
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # no CSV/TBX/JSON per trial
