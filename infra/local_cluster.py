@@ -38,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cpus", type=float, default=1, help="CPUs of each worker node")
     p.add_argument("--head-cpus", type=float, default=1, help="CPUs of the head node")
     p.add_argument("--gpus", type=int, default=0, help="GPUs each worker node advertises")
+    p.add_argument("--object-store-mb", type=int, default=1024,
+                   help="each node's object store (MiB; Ray's test clusters default to 150, "
+                        "which real work spills out of)")
     p.add_argument("--dashboard-port", type=int, default=0, help="job server port (0: any)")
     p.add_argument("--kill-node-after", type=float, default=None, metavar="S",
                    help="remove the last worker node S seconds after start (failure drills)")
@@ -50,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     from ray.cluster_utils import Cluster
 
     port = args.dashboard_port or free_port()
+    store = args.object_store_mb * 2**20
     def ports() -> dict:
         # every node's agents on free ports: the defaults (52365, ...) clash with any other
         # Ray on this machine, and a head whose agent cannot bind accepts no jobs
@@ -57,13 +61,14 @@ def main(argv: list[str] | None = None) -> int:
 
     cluster = Cluster(initialize_head=True, connect=False, head_node_args={
         "num_cpus": args.head_cpus, "include_dashboard": True, "dashboard_host": "127.0.0.1",
-        "dashboard_port": port, **ports()})
+        "dashboard_port": port, "object_store_memory": store, **ports()})
     stop, kill_now = threading.Event(), threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     signal.signal(signal.SIGUSR1, lambda *_: kill_now.set())  # a drill: lose a node now
     try:
-        nodes = [cluster.add_node(num_cpus=args.cpus, num_gpus=args.gpus, **ports())
+        nodes = [cluster.add_node(num_cpus=args.cpus, num_gpus=args.gpus,
+                                  object_store_memory=store, **ports())
                  for _ in range(args.workers)]
         cluster.wait_for_nodes()
         dashboard = f"http://127.0.0.1:{port}"
