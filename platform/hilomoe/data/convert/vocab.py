@@ -39,7 +39,7 @@ distinct values) entries at any time, however many distinct values the input hol
     the single process and on Ray.
 
 A pruned table is compacted, so positions no longer hold: from its first prune on, a field is
-encoded by looking its values up (as on Ray). Without `max_vocab` (the default) nothing is
+encoded by looking its values up. Without `max_vocab` (the default) nothing is
 dropped: counts are exact, as before.
 
 Encoding. Values seen at least `min_count` times (and not missing) get ids 1.. by decreasing count,
