@@ -154,13 +154,12 @@ def encode(job: Pass2Job, chunk: Chunk, block: Block | None = None,
     # ids field by field into rows of (F_c, n), each written contiguously; the split's rows
     # are then gathered from its transpose: 2x faster than writing (n, F_c)'s strided columns
     cat_t = np.empty((len(job.encoders), len(block)), dtype=np.int32)
-    files = PositionFiles(job.cache) if job.cache is not None and not positions else None
+    if not positions and job.cache is not None:  # the single process: from the cache
+        files = PositionFiles(job.cache)
+        positions = tuple(None if enc.id_of is None else files.get(chunk.index, f)
+                          for f, enc in enumerate(job.encoders))
     for f, (enc, codes) in enumerate(zip(job.encoders, block.cat)):
-        at = None
-        if enc.id_of is not None:
-            at = files.get(chunk.index, f) if files is not None else \
-                positions[f] if positions else None
-        cat_t[f] = enc(codes, at)
+        cat_t[f] = enc(codes, positions[f] if positions else None)
     num = block.num
     if num.shape[1]:
         num = np.nan_to_num((num - job.mean) / job.std)
