@@ -45,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kill-node-after", type=float, default=None, metavar="S",
                    help="remove the last worker node S seconds after start (failure drills)")
     args = p.parse_args(argv)
+    if args.object_store_mb < 75:  # Ray's own floor
+        p.error(f"--object-store-mb must be at least 75 (MiB), got {args.object_store_mb}.")
 
     token = secrets.token_hex(32)
     client_env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,

@@ -496,3 +496,15 @@ def test_the_compose_mlflow_server_command_runs_and_proxies_artifacts(tmp_path, 
         assert {"config.json", "trial.json"} <= set(stored)
     finally:
         stop_mlflow_server(proc)
+
+
+def test_local_cluster_refuses_a_too_small_object_store_in_one_sentence():
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, str(REPO / "infra" / "local_cluster.py"),
+                          "--object-store-mb", "10"], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and not res.stdout
+    assert res.stderr.strip().splitlines()[-1].endswith(
+        "--object-store-mb must be at least 75 (MiB), got 10.")
+    assert "Traceback" not in res.stderr
