@@ -10,7 +10,7 @@ import torch
 
 from hilomoe.engine.losses import balance_loss, diversity_loss, z_loss
 from hilomoe.engine.metrics import RoutingStats
-from hilomoe.metrics import auc, logloss
+from hilomoe.metrics import auc, average_ranks, logloss
 from hilomoe.model.routing import Routing
 
 
@@ -33,6 +33,22 @@ def test_auc_equals_pairwise_definition_with_many_ties():
     y = rng.integers(0, 2, 2000)
     s = np.round(rng.random(2000) + 0.3 * y, 1)  # heavy ties
     assert auc(y, s) == pytest.approx(pairwise_auc(y, s), abs=1e-12)
+
+
+@pytest.mark.parametrize("distinct", [1, 3, 50, 10**9])
+def test_average_ranks_equal_scipys_rankdata(distinct):
+    """The written-out ranks (metrics.py avoids importing scipy.stats) equal scipy's, with
+    ties from none to all."""
+    from scipy.stats import rankdata
+
+    rng = np.random.default_rng(distinct)
+    for n in (1, 2, 7, 1000):
+        s = rng.integers(0, distinct, n).astype(np.float64)
+        assert np.array_equal(average_ranks(s), rankdata(s, method="average"))
+
+
+def test_auc_of_a_nan_score_is_nan():
+    assert math.isnan(auc([0, 1, 1], [0.2, float("nan"), 0.4]))
 
 
 def test_logloss_hand_value():
