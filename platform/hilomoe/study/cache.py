@@ -41,18 +41,23 @@ import warnings
 import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterator, TypeVar
-
-import torch
+from typing import TYPE_CHECKING, Callable, Iterator, TypeVar
 
 import hilomoe
 from hilomoe.atomic import fsync_dir, publish_dir
 from hilomoe.config import TrainConfig
 from hilomoe.data.dataset import open_dataset
-from hilomoe.engine.history import EpochRecord
 from hilomoe.errors import HilomoeError
-from hilomoe.session import autocast_dtype, load_tensors, write_files
 from hilomoe.study.space import config_key
+
+if TYPE_CHECKING:
+    import torch
+
+    from hilomoe.engine.history import EpochRecord
+
+# torch (and the engine and session, which import it) are imported where entries are keyed,
+# read or written: `hilomoe cache ls | prune` and the parsing of their flags need none of
+# them, and importing torch takes seconds
 
 WEIGHTS, RECORDS = "base.pt", "entry.json"
 T = TypeVar("T")
@@ -81,6 +86,10 @@ def run_environment(cfg: TrainConfig, device: str | torch.device) -> dict:
     """How a result was computed, beyond its inputs: the package version and the training
     code's source, torch's version, the device type and the precision it trained in (bf16
     autocast where `runtime.precision` asks for it or `auto` finds a GPU that supports it)."""
+    import torch
+
+    from hilomoe.session import autocast_dtype
+
     device = torch.device(device)
     dtype = autocast_dtype(cfg, device)
     return {"hilomoe": hilomoe.__version__, "source": source_hash(),
@@ -134,6 +143,8 @@ class KeyedStore:
         """`files`: name -> object (`.json` names as JSON, others with torch.save). Returns
         whether the entry is stored (by this call or by another writer of the same key); a
         failure (full disk, read-only cache) removes what it wrote and warns, never raises."""
+        from hilomoe.session import write_files
+
         tmp = None
         try:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -227,6 +238,9 @@ class Stage1Cache(KeyedStore):
         })
 
     def get(self, key: str) -> Stage1Entry | None:
+        from hilomoe.engine.history import EpochRecord
+        from hilomoe.session import load_tensors
+
         def load(d: Path) -> Stage1Entry:
             meta = json.loads((d / RECORDS).read_text())
             return Stage1Entry(load_tensors(d / WEIGHTS),
@@ -253,6 +267,8 @@ class TrialCache(KeyedStore):
                       "run": run_environment(cfg, device)})
 
     def get(self, key: str) -> tuple[dict, dict] | None:
+        from hilomoe.session import load_tensors
+
         return self.read(key, lambda d: (load_tensors(d / self.STATE),
                                          json.loads((d / self.SUMMARY).read_text())))
 
