@@ -58,13 +58,34 @@ def test_ray_job_submit_runs_a_study_into_mlflow_and_the_storage_path(loopback_c
         stop_mlflow_server(server)
 
 
+def both_nodes_busy(events_file: Path) -> bool:
+    """A trial has ended and two others are training (each has reported an epoch): with one
+    CPU per node and one per trial, one of them is on the worker node. Waiting for the first
+    trial file alone raced Tune: when the worker node's trial ended first, the node could be
+    removed before the next trial was placed on it."""
+    if not events_file.is_file():
+        return False
+    text = events_file.read_text()
+    events = [json.loads(ln) for ln in text[:text.rfind("\n") + 1].splitlines()]  # whole lines
+    started = {e["trial_id"] for e in events if e["kind"] == "trial_start"}
+    ended = {e["trial_id"] for e in events if e["kind"] == "trial_end"}
+    training = {e["trial_id"] for e in events if e["kind"] == "result"}
+    running = started - ended
+    return bool(ended) and len(running) == 2 and running <= training
+
+
 @pytest.mark.slow
 def test_a_study_survives_losing_a_worker_node(loopback_cluster, tmp_path):
     """Two trials at a time on a head and a worker node; the worker node is removed when the
     first trial ends. The trial it held restarts from its checkpoint on the head, the study
     finishes, and no trial that had finished runs again."""
     raw = json.loads(json.dumps(TINY))
-    raw["train"]["data"]["synth"]["rows"] = 30000
+    # trials of three stages and ~8 s: Tune notices the node's loss ~3 s after it, and the
+    # trial it held must still be training then
+    raw["train"]["data"]["synth"]["rows"] = 100000
+    raw["train"]["stages"] = {name: {"epochs": epochs, "patience": epochs} for name, epochs
+                              in (("base", 6), ("experts", 4), ("joint", 6))}
+    raw["space"]["model.moe.variant"] = {"choice": ["hilomoe", "flat"]}
     raw["budget"] = {"trials": 4, "concurrency": 2, "cpus_per_trial": 1}
     study = tmp_path / "tiny.yaml"
     study.write_text(yaml.safe_dump(raw))
@@ -77,9 +98,10 @@ def test_a_study_survives_losing_a_worker_node(loopback_cluster, tmp_path):
                               start_new_session=True)
     try:
         deadline = time.time() + 300
-        while time.time() < deadline and not list((out / "trials").glob("*.json")):
+        while not both_nodes_busy(out / "events.jsonl"):
             assert driver.poll() is None, driver.stderr.read()
-            time.sleep(0.2)
+            assert time.time() < deadline, "two trials never trained at once after one ended"
+            time.sleep(0.1)
         finished = {p.stem for p in (out / "trials").glob("*.json")}
         killed_at = time.time()
         loopback_cluster["proc"].send_signal(signal.SIGUSR1)
