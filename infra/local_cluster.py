@@ -65,14 +65,16 @@ def main(argv: list[str] | None = None) -> int:
         "num_cpus": args.head_cpus, "include_dashboard": True, "dashboard_host": "127.0.0.1",
         "dashboard_port": port, "object_store_memory": store, **ports()})
     stop, kill_now = threading.Event(), threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    signal.signal(signal.SIGUSR1, lambda *_: kill_now.set())  # a drill: lose a node now
     try:
         nodes = [cluster.add_node(num_cpus=args.cpus, num_gpus=args.gpus,
                                   object_store_memory=store, **ports())
                  for _ in range(args.workers)]
         cluster.wait_for_nodes()
+        # after the nodes: each node Ray starts in this process installs its own SIGTERM
+        # handler, which stops that node alone and exits with 1
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        signal.signal(signal.SIGUSR1, lambda *_: kill_now.set())  # a drill: lose a node now
         dashboard = f"http://127.0.0.1:{port}"
         info = {"gcs": cluster.address, "dashboard": dashboard,
                 "env": {**client_env, "RAY_ADDRESS": cluster.address,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -119,3 +120,22 @@ def test_a_study_survives_losing_a_worker_node(loopback_cluster, tmp_path):
     rerun = {e["trial_id"] for e in events
              if e["kind"] == "result" and e["time"] > killed_at and not e["reused"]}
     assert not rerun & finished  # finished trials are neither lost nor run again
+
+
+@pytest.mark.slow
+def test_the_local_cluster_stops_cleanly_on_sigterm():
+    """SIGTERM (what the fixture and `kill <pid>` send) stops every node and exits with 0;
+    Ray's own handler, which each added node installs, would stop one node and exit with 1."""
+    proc = subprocess.Popen([sys.executable, str(REPO / "infra" / "local_cluster.py"),
+                             "--workers", "1", "--object-store-mb", "100"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        info = json.loads(proc.stdout.readline())
+        host, port = info["gcs"].rsplit(":", 1)
+        socket.create_connection((host, int(port)), timeout=5).close()  # the head answers
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        with pytest.raises(OSError):  # and is gone
+            socket.create_connection((host, int(port)), timeout=5).close()
+    finally:
+        kill_tree(proc)
