@@ -77,9 +77,9 @@ def both_nodes_busy(events_file: Path) -> bool:
 
 @pytest.mark.slow
 def test_a_study_survives_losing_a_worker_node(loopback_cluster, tmp_path):
-    """Two trials at a time on a head and a worker node; the worker node is removed when the
-    first trial ends. The trial it held restarts from its checkpoint on the head, the study
-    finishes, and no trial that had finished runs again."""
+    """Two trials at a time on a head and a worker node; the worker node is removed once a
+    trial has ended and two others train. The trial it held restarts from its checkpoint on the
+    head, the study finishes, and no trial that had finished runs again."""
     raw = json.loads(json.dumps(TINY))
     # trials of three stages and ~8 s: Tune notices the node's loss ~3 s after it, and the
     # trial it held must still be training then
